@@ -1338,6 +1338,65 @@ def open_store(home: Optional[Path] = None) -> Store:
 
 # ---- 10. sync engine ---------------------------------------------------------------------
 
+@dataclass
+class SyncReport:
+    """What a sync did (or, with dry_run, would do)."""
+
+    direction: str = "both"
+    dry_run: bool = False
+    pushed: Dict[str, int] = field(default_factory=lambda: {"memories": 0, "sessions": 0, "edges": 0})
+    pulled: Dict[str, int] = field(default_factory=lambda: {"memories": 0, "sessions": 0, "edges": 0})
+    rejected: int = 0
+    conflicts: List[Tuple[str, str]] = field(default_factory=list)  # (id, local copy id)
+    plan: List[dict] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    duration_ms: int = 0
+
+    def summary(self) -> str:
+        """One human line, e.g. ``pushed 12, pulled 3, 1 conflict kept as <id>_local``."""
+        text = f"pushed {sum(self.pushed.values())}, pulled {sum(self.pulled.values())}"
+        if self.conflicts:
+            copies = ", ".join(copy for _id, copy in self.conflicts)
+            text += f", {len(self.conflicts)} conflict{'s' if len(self.conflicts) != 1 else ''} kept as {copies}"
+        return ("dry run: would have " + text) if self.dry_run else text
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (``--json`` and MCP structuredContent)."""
+        return {"direction": self.direction, "dry_run": self.dry_run, "pushed": dict(self.pushed),
+                "pulled": dict(self.pulled), "rejected": self.rejected,
+                "conflicts": [{"id": i, "local_copy": c} for i, c in self.conflicts],
+                "plan": self.plan, "warnings": self.warnings, "duration_ms": self.duration_ms,
+                "summary": self.summary()}
+
+
+def require_cloud(cfg: Config) -> None:
+    """Raise NotConfigured with the seed's exact message unless sync is enabled and keyed."""
+    if not cfg.enabled:
+        raise NotConfigured(MSG_DISABLED)
+    if not cfg.api_key:
+        raise NotConfigured(MSG_NO_KEY)
+
+
+def cloud_sync(home: Optional[Path] = None, direction: str = "both", push_all: bool = False,
+               force: bool = False, dry_run: bool = False) -> SyncReport:
+    """Sync this device with the cloud: push, pull or both (push then pull)."""
+    if direction not in ("push", "pull", "both"):
+        raise UsageError(f"direction must be push, pull or both, not {direction!r}")
+    cfg = load_config(home)
+    require_cloud(cfg)
+    raise ServerError("sync engine not built yet")  # WIP: replaced by the engine (issue 4)
+
+
+def cloud_status(home: Optional[Path] = None, remote: bool = True) -> dict:
+    """Sync status: enabled, server, masked key, device id, last push/pull, pending, conflicts."""
+    cfg = load_config(home)
+    with open_store(cfg.home) as store:
+        counts = store.counts()
+        return {"enabled": cfg.enabled, "server_url": cfg.server_url, "api_key": mask_key(cfg.api_key),
+                "device_id": store.device_id, "last_push_at": store.state("last_push_at"),
+                "last_pull_at": store.state("last_pull_at"), "pending_push": counts["pending_push"],
+                "conflicts": counts["conflicts"], "local": counts}
+
 
 # ---- 11. reference server ----------------------------------------------------------------
 
@@ -1620,6 +1679,22 @@ def _add_memory_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_session)
 
 
+def _add_cloud_parsers(sub: Any, common: Any) -> None:
+    """contextfs cloud … (issue 4)."""
+
+
+def _add_index_parsers(sub: Any, common: Any) -> None:
+    """contextfs index … (issue 6)."""
+
+
+def _add_server_parsers(sub: Any, common: Any) -> None:
+    """contextfs server … (issue 4: reference server)."""
+
+
+def _add_mcp_parser(sub: Any, common: Any) -> None:
+    """contextfs mcp (issue 5)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``contextfs`` argument parser."""
     import argparse
@@ -1631,6 +1706,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print JSON for machines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_memory_parsers(sub, common)
+    _add_cloud_parsers(sub, common)
+    _add_index_parsers(sub, common)
+    _add_server_parsers(sub, common)
+    _add_mcp_parser(sub, common)
     return parser
 
 
