@@ -303,6 +303,7 @@ class Session:
     updated_at: str = ""
     deleted_at: Optional[str] = None
     vector_clock: Clock = field(default_factory=dict)
+    conflict_of: Optional[str] = None
     dirty: bool = False
     seq: int = 0
 
@@ -766,6 +767,10 @@ _MIGRATIONS: List[str] = [
     CREATE INDEX sessions_dirty ON sessions (dirty, seq);
     CREATE INDEX edges_dirty ON edges (dirty, seq);
     """,
+    # 4: session conflict copies
+    """
+    ALTER TABLE sessions ADD COLUMN conflict_of TEXT;
+    """,
 ]
 
 # Full-text search: an external-content FTS5 table kept in step by triggers. Created outside
@@ -794,7 +799,7 @@ _MEMORY_COLUMNS = ("id", "type", "content", "summary", "tags", "namespace_id", "
                    "deleted_at", "draft", "expires_at", "vector_clock", "content_hash",
                    "conflict_of", "encrypted", "dirty", "seq")
 _SESSION_COLUMNS = ("id", "label", "tool", "repo", "started_at", "ended_at", "summary", "metadata",
-                    "extra", "updated_at", "deleted_at", "vector_clock", "dirty", "seq")
+                    "extra", "updated_at", "deleted_at", "vector_clock", "conflict_of", "dirty", "seq")
 _EDGE_COLUMNS = ("id", "from_id", "to_id", "relation", "weight", "metadata", "extra",
                  "created_at", "updated_at", "deleted_at", "vector_clock", "dirty", "seq")
 _JSON_COLUMNS = {"tags", "metadata", "extra", "vector_clock"}
@@ -1163,6 +1168,50 @@ class Store:
                 "sessions": ses[0], "edges": edg[0],
                 "pending_push": mem[4] + ses[1] + edg[1]}
 
+    # -- conflict copies -------------------------------------------------------------------
+
+    def conflicts(self) -> List[Memory]:
+        """Unresolved conflict copies (``<id>_local``), newest first."""
+        return self.list(limit=10_000, conflicts_only=True)
+
+    def resolve_conflict(self, memory_id: str, keep: str) -> Memory:
+        """Resolve a conflict: keep 'cloud' (drop the copy) or 'local' (its text wins next push).
+
+        ``memory_id`` may be the original id or the copy's id. Keeping local makes the copy's
+        text a new version of the original whose clock dominates the cloud's, so it wins.
+        """
+        if keep not in ("local", "cloud"):
+            raise UsageError("--keep must be local or cloud")
+        with self._lock, self.transaction():
+            row = self._get("memory", memory_id)
+            if row is not None and row.conflict_of:
+                copies = [row]
+            else:
+                copies = [m for m in (_from_row(Memory, r, _MEMORY_COLUMNS) for r in self.conn.execute(
+                    "SELECT * FROM memories WHERE conflict_of = ? AND deleted_at IS NULL "
+                    "ORDER BY updated_at DESC", (memory_id,)))]
+            if not copies:
+                raise NotFound(f"No unresolved conflict for {memory_id!r} (see: contextfs cloud conflicts)")
+            if keep == "local" and len(copies) > 1:
+                raise UsageError(f"{memory_id} has {len(copies)} conflict copies; resolve one copy id at a time: "
+                                 + ", ".join(c.id for c in copies))
+            original = self._get("memory", copies[0].conflict_of)
+            if keep == "local":
+                copy = copies[0]
+                if original is None:
+                    original = Memory(id=copy.conflict_of, content=copy.content, created_at=copy.created_at)
+                for name in ("content", "type", "summary", "tags", "metadata", "source_repo",
+                             "source_file", "session_id", "content_hash"):
+                    setattr(original, name, getattr(copy, name))
+                original.deleted_at = None
+                self._local_write("memory", original)
+            # The copies never left this device, so they can simply go.
+            self.conn.executemany("DELETE FROM memories WHERE id = ?", [(c.id,) for c in copies])
+        self._notify("delete", [c.id for c in copies])
+        if keep == "local":
+            self._notify("upsert", [original.id])
+        return original if original is not None else copies[0]
+
     # -- edges -----------------------------------------------------------------------------
 
     def link(self, from_id: str, to_id: str, relation: str = "related_to", weight: float = 1.0,
@@ -1329,11 +1378,288 @@ def open_store(home: Optional[Path] = None) -> Store:
 
 # ---- 7. semantic index -------------------------------------------------------------------
 
+def index_after_pull(store: Store, cfg: Config, upserted: List[str], deleted: List[str]) -> Optional[str]:
+    """Regenerate embeddings for pulled memories (issue 6 builds the index); never raises."""
+    return None
+
 
 # ---- 8. crypto ---------------------------------------------------------------------------
+# Wire format (protocol.md §9): AES-256-GCM, 12-byte random nonce, no AAD, base64url WITH '='
+# padding of nonce‖ciphertext‖tag, "encrypted": true, content_hash over the plaintext.
+# Our key: scrypt over the user's passphrase, salted with the account's salt from
+# GET /api/auth/encryption-salt — the same on every device and never sent. The anchor's
+# HKDF-over-the-API-key derivation is kept for compatibility (and its test vector).
+
+E2EE_EXTRA_HINT = "pip install 'contextfs-sync[e2ee]'"
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2 ** 15, 8, 1
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode base64url with or without '=' padding."""
+    import base64
+
+    text = text.strip()
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def b64url_encode(data: bytes, pad: bool = True) -> str:
+    """Encode base64url, with '=' padding unless ``pad`` is False."""
+    import base64
+
+    text = base64.urlsafe_b64encode(data).decode("ascii")
+    return text if pad else text.rstrip("=")
+
+
+def _aesgcm() -> Any:
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError:
+        raise CryptoError(f"End-to-end encryption needs the e2ee extra: {E2EE_EXTRA_HINT}") from None
+    return AESGCM
+
+
+def derive_passphrase_key(passphrase: str, salt: str) -> bytes:
+    """Our E2EE key: scrypt(passphrase, account salt) → 32 bytes (stdlib only)."""
+    import hashlib
+
+    if not passphrase:
+        raise CryptoError("The E2EE passphrase is empty")
+    return hashlib.scrypt(passphrase.encode("utf-8"), salt=b64url_decode(salt), n=_SCRYPT_N,
+                          r=_SCRYPT_R, p=_SCRYPT_P, maxmem=64 * 1024 * 1024, dklen=32)
+
+
+def derive_anchor_key(api_key: str, salt: str) -> bytes:
+    """The anchor's key: HKDF-SHA256(IKM = whole API key, salt, info 'contextfs-e2ee-v1')."""
+    import hashlib
+    import hmac
+
+    # RFC 5869 with one output block (32 bytes = one SHA-256 block): no dependency needed.
+    prk = hmac.new(b64url_decode(salt), api_key.encode("utf-8"), hashlib.sha256).digest()
+    return hmac.new(prk, b"contextfs-e2ee-v1" + b"\x01", hashlib.sha256).digest()
+
+
+def encrypt_content(key: bytes, plaintext: str, nonce: Optional[bytes] = None) -> str:
+    """Encrypt memory content to the wire form (random nonce unless given)."""
+    nonce = nonce if nonce is not None else os.urandom(12)
+    sealed = _aesgcm()(key).encrypt(nonce, plaintext.encode("utf-8"), None)
+    return b64url_encode(nonce + sealed, pad=True)
+
+
+def decrypt_content(key: bytes, token: str) -> str:
+    """Decrypt wire-form content; a wrong key raises CryptoError (never returns ciphertext)."""
+    aesgcm = _aesgcm()
+    try:
+        raw = b64url_decode(token)
+        if len(raw) < 12 + 16:
+            raise ValueError("too short")
+        return aesgcm(key).decrypt(raw[:12], raw[12:], None).decode("utf-8")
+    except Exception as exc:  # InvalidTag, bad base64, bad UTF-8: all mean "cannot decrypt"
+        raise CryptoError(f"cannot decrypt content ({type(exc).__name__})") from None
 
 
 # ---- 9. HTTP client ----------------------------------------------------------------------
+
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 60.0
+MAX_RETRIES = 4          # attempts after the first, for connect errors, 429 and 5xx
+MAX_BACKOFF = 8.0        # seconds; a server's Retry-After is honoured up to MAX_RETRY_AFTER
+MAX_RETRY_AFTER = 30.0
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def check_server_url(url: str, insecure: bool = False) -> str:
+    """Validate a server URL; plain http:// is refused for non-loopback hosts unless insecure."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"Invalid server URL {url!r}: use https://host[:port]")
+    host = parts.hostname
+    loopback = host in _LOOPBACK_HOSTS or host.startswith("127.")
+    if parts.scheme == "http" and not loopback and not insecure:
+        raise ConfigError(f"Refusing plain http:// to {host}: your API key would travel unencrypted. "
+                          f"Use https://, or pass --insecure if you really mean it")
+    return url.strip().rstrip("/")
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    if not value:
+        return None
+    try:
+        return max(0.0, min(float(value), MAX_RETRY_AFTER))
+    except ValueError:
+        parsed = None
+        with _suppress(Exception):
+            from email.utils import parsedate_to_datetime
+
+            parsed = parsedate_to_datetime(value)
+        if parsed is None:
+            return None
+        return max(0.0, min((parsed - datetime.now(timezone.utc)).total_seconds(), MAX_RETRY_AFTER))
+
+
+def _detail(response: Any) -> str:
+    try:
+        detail = response.json().get("detail")
+    except Exception:
+        return response.text[:200].strip() or response.reason_phrase
+    if isinstance(detail, list):  # FastAPI validation errors
+        parts = [f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail[:3]
+                 if isinstance(d, dict)]
+        return "; ".join(parts) or "invalid request"
+    return str(detail)
+
+
+class CloudClient:
+    """A ContextFS Cloud API client: X-API-Key auth, timeouts, retries with backoff, clear errors."""
+
+    def __init__(self, server_url: str, api_key: Optional[str] = None, insecure: bool = False,
+                 retries: int = MAX_RETRIES, timeout: float = READ_TIMEOUT,
+                 sleep: Callable[[float], None] = time.sleep):
+        import httpx
+
+        self.server_url = check_server_url(server_url, insecure)
+        self.api_key = api_key
+        self.retries = retries
+        self.sleep = sleep
+        self.requests = 0  # counted for tests and benchmarks (requests per sync)
+        headers = {"User-Agent": f"contextfs-sync/{__version__}", "Accept": "application/json"}
+        # verify=True always: TLS verification cannot be turned off from here.
+        self._http = httpx.Client(base_url=self.server_url, headers=headers, verify=True,
+                                  timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
+                                  follow_redirects=False)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> "CloudClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CloudClient({self.server_url!r}, api_key={mask_key(self.api_key)!r})"
+
+    def request(self, method: str, path: str, body: Optional[dict] = None, auth: bool = True) -> dict:
+        """Send one API call with retries; returns the decoded JSON object or raises a ContextFSError."""
+        import httpx
+
+        headers = {}
+        if auth:
+            if not self.api_key:
+                raise NotConfigured(MSG_NO_KEY)
+            headers["X-API-Key"] = self.api_key
+        content = None
+        if body is not None:
+            content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        attempt = 0
+        while True:
+            attempt += 1
+            wait: Optional[float] = None
+            problem = ""
+            try:
+                self.requests += 1
+                response = self._http.request(method, path, content=content, headers=headers)
+            except httpx.TimeoutException as exc:
+                problem = f"timed out ({type(exc).__name__})"
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                status = response.status_code
+                if status == 429 or status >= 500:
+                    wait = _retry_after(response.headers.get("Retry-After"))
+                    problem = f"HTTP {status}" + (f" ({_detail(response)})" if status == 429 else "")
+                elif status >= 400:
+                    raise self._error(status, response, path)
+                else:
+                    try:
+                        data = response.json()
+                        if not isinstance(data, dict):
+                            raise ValueError("not a JSON object")
+                        return data
+                    except ValueError:
+                        # A truncated or garbled body: sync calls are idempotent, so retry.
+                        problem = "an invalid (truncated or non-JSON) response"
+            if attempt > self.retries:
+                raise ServerError(f"Cannot sync with {self.server_url}: {problem} after {attempt} tries; "
+                                  f"check the server and try again (nothing was lost)")
+            if wait is None:
+                import random
+
+                wait = min(MAX_BACKOFF, 0.25 * (2 ** (attempt - 1))) * (0.5 + random.random() / 2)
+            self.sleep(wait)
+
+    def _error(self, status: int, response: Any, path: str) -> ContextFSError:
+        detail = _detail(response)
+        if status == 401:
+            return AuthError(f"The server rejected the API key ({detail}). Run: contextfs cloud login")
+        if status == 403:
+            return ServerError(f"Forbidden by {self.server_url}: {detail}")
+        if status == 404:
+            return ServerError(f"{self.server_url}{path} not found ({detail}); is the server URL right?")
+        if status == 413:
+            return ServerError(f"The server refused a request as too large ({detail}); "
+                               f"try again with a smaller batch")
+        return ServerError(f"The server refused the request (HTTP {status}): {detail}")
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def health(self) -> dict:
+        """GET /health."""
+        return self.request("GET", "/health", auth=False)
+
+    def login(self, email: str, password: str) -> dict:
+        """POST /api/auth/login → {user, apiKey, encryptionKey}."""
+        try:
+            return self.request("POST", "/api/auth/login",
+                                {"email": email, "password": password, "session_type": "CLI Session"},
+                                auth=False)
+        except AuthError:
+            raise AuthError("Invalid email or password") from None
+
+    def me(self) -> dict:
+        """GET /api/auth/me: who the key belongs to (verifies the key)."""
+        return self.request("GET", "/api/auth/me")
+
+    def encryption_salt(self) -> str:
+        """GET /api/auth/encryption-salt: the account's E2EE salt."""
+        salt = self.request("GET", "/api/auth/encryption-salt").get("salt")
+        if not isinstance(salt, str) or not salt:
+            raise ServerError("The server returned no encryption salt; E2EE is not available there")
+        return salt
+
+    def register(self, device: str, device_name: str, platform: str) -> dict:
+        """POST /api/sync/register."""
+        return self.request("POST", "/api/sync/register", {
+            "device_id": device, "device_name": device_name, "platform": platform,
+            "client_version": __version__})
+
+    def push(self, device: str, memories: List[dict], sessions: List[dict], edges: List[dict],
+             force: bool = False) -> dict:
+        """POST /api/sync/push."""
+        return self.request("POST", "/api/sync/push", {
+            "device_id": device, "memories": memories, "sessions": sessions, "edges": edges,
+            "last_sync_timestamp": None, "backend_type": None, "force": force})
+
+    def pull(self, device: str, cursor: Optional[str], since: Optional[str], limit: int,
+             offset: int = 0) -> dict:
+        """POST /api/sync/pull (``cursor`` is our server's extension; anchors ignore it)."""
+        return self.request("POST", "/api/sync/pull", {
+            "device_id": device, "since_timestamp": since, "namespace_ids": None,
+            "backend_type": None, "limit": limit, "offset": offset, "cursor": cursor})
+
+    def diff(self, device: str, memories: List[dict], sessions: List[dict], edges: List[dict]) -> dict:
+        """POST /api/sync/diff with a manifest of local rows."""
+        return self.request("POST", "/api/sync/diff", {
+            "device_id": device, "memories": memories, "sessions": sessions, "edges": edges,
+            "namespace_ids": None})
+
+    def status(self, device: str) -> dict:
+        """POST /api/sync/status."""
+        return self.request("POST", "/api/sync/status", {"device_id": device})
 
 
 # ---- 10. sync engine ---------------------------------------------------------------------
@@ -1377,14 +1703,376 @@ def require_cloud(cfg: Config) -> None:
         raise NotConfigured(MSG_NO_KEY)
 
 
+PUSH_BATCH_ITEMS = 500
+PUSH_BATCH_BYTES = 2 * 1024 * 1024
+PULL_PAGE_SIZE = 1000
+PULL_OVERLAP_SECONDS = 600   # re-read window for timestamp-cursor (anchor) servers
+PULL_MAX_PAGES = 1_000_000   # a server whose paging never ends is an error, not a hang
+LOCK_TIMEOUT_SECONDS = 30.0
+PLAN_LIMIT = 1000            # dry-run plan entries listed (counts are always complete)
+
+
+class SyncLock:
+    """An exclusive lock on ``$CONTEXTFS_HOME/sync.lock``: one sync at a time (bounded wait)."""
+
+    def __init__(self, home: Path, timeout: float = LOCK_TIMEOUT_SECONDS):
+        self.path = home / "sync.lock"
+        self.timeout = timeout
+        self.handle: Any = None
+
+    def __enter__(self) -> "SyncLock":
+        ensure_home(self.path.parent)
+        self.handle = open(self.path, "a+")
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: msvcrt locks the first byte
+            import msvcrt
+
+            self._lock = lambda: msvcrt.locking(self.handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            self._lock = lambda: fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self._lock()
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    self.handle.close()
+                    raise ContextFSError(f"Another sync is still running (lock {self.path} held for "
+                                         f"{self.timeout:.0f}s); try again when it finishes") from None
+                time.sleep(0.1)
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.close()  # closing the file releases the lock
+
+
+# Rows that may leave the device: drafts, temporary memories and conflict copies never do.
+_PUSHABLE = {
+    "memory": "draft = 0 AND expires_at IS NULL AND conflict_of IS NULL",
+    "session": "conflict_of IS NULL",
+    "edge": "1 = 1",
+}
+_WIRE_LISTS = {"memory": "memories", "session": "sessions", "edge": "edges"}
+
+
+def _same_version(kind: str, local: Any, cloud: Any) -> bool:
+    """True when two versions carry the same user data (clocks and timestamps aside)."""
+    if (local.deleted_at is None) != (cloud.deleted_at is None):
+        return False
+    if kind == "memory":
+        return (local.content_hash == cloud.content_hash and local.type == cloud.type
+                and local.tags == cloud.tags and local.summary == cloud.summary
+                and local.metadata == cloud.metadata)
+    if kind == "session":
+        return (local.summary == cloud.summary and local.label == cloud.label
+                and local.ended_at == cloud.ended_at and local.metadata == cloud.metadata)
+    return local.weight == cloud.weight and local.metadata == cloud.metadata
+
+
+def e2ee_key(cfg: Config) -> Optional[bytes]:
+    """The E2EE key for this device, or None when E2EE is off."""
+    if not cfg.e2ee:
+        return None
+    stored = cfg.get("cloud", "e2ee_key")
+    if not stored:
+        raise NotConfigured("E2EE is on but no passphrase was entered on this device. "
+                            "Run: contextfs cloud configure --e2ee")
+    key = b64url_decode(stored)
+    if len(key) != 32:
+        raise ConfigError(f"{cfg.path}: cloud.e2ee_key is not a valid key; run: contextfs cloud configure --e2ee")
+    return key
+
+
+class SyncEngine:
+    """Plans and applies a sync between one Store and one CloudClient (design.md, Sync)."""
+
+    def __init__(self, store: Store, client: CloudClient, cfg: Config, key: Optional[bytes] = None,
+                 progress: Optional[Callable[[str], None]] = None):
+        import hashlib
+
+        self.store = store
+        self.client = client
+        self.cfg = cfg
+        self.key = key
+        self.progress = progress or (lambda message: None)
+        account = hashlib.sha256((client.api_key or "").encode()).hexdigest()[:12]
+        # Cursors belong to one server and one account: switching either starts afresh.
+        self.scope = f"{client.server_url}|{account}"
+
+    def run(self, direction: str = "both", push_all: bool = False, force: bool = False,
+            dry_run: bool = False) -> SyncReport:
+        """Push, pull or both (push then pull)."""
+        report = SyncReport(direction=direction, dry_run=dry_run)
+        self.store.purge_expired()
+        if not dry_run:
+            self._register()
+        if direction in ("push", "both"):
+            self.push(report, push_all=push_all, force=force, dry_run=dry_run)
+        if direction in ("pull", "both"):
+            self.pull(report, dry_run=dry_run)
+        return report
+
+    def _register(self) -> None:
+        key = f"registered|{self.scope}"
+        if self.store.state(key) == self.store.device_id:
+            return
+        import platform
+        import socket
+
+        self.client.register(self.store.device_id, socket.gethostname() or "device",
+                             platform.system().lower())
+        self.store.set_state(key, self.store.device_id)
+
+    # -- push --------------------------------------------------------------------------------
+
+    def _scan(self, kind: str, push_all: bool) -> Iterator[Any]:
+        """Pushable rows in bounded chunks (keyset paging: memory use stays flat)."""
+        table, cls, columns = _KINDS[kind]
+        where = _PUSHABLE[kind]
+        if push_all:
+            order, key_sql = "rowid", "rowid > ?"
+        else:
+            where += " AND dirty = 1"
+            order, key_sql = "seq", "seq > ?"
+        after = -1
+        while True:
+            with self.store._lock:
+                rows = self.store.conn.execute(
+                    f"SELECT rowid AS _rowid, * FROM {table} WHERE {where} AND {key_sql} "
+                    f"ORDER BY {order} LIMIT ?", (after, PUSH_BATCH_ITEMS)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _from_row(cls, row, columns)
+            after = rows[-1]["_rowid"] if push_all else rows[-1]["seq"]
+
+    def _wire(self, kind: str, obj: Any) -> dict:
+        wire = obj.to_wire()
+        if kind == "memory" and self.key is not None and obj.content:
+            wire["content"] = encrypt_content(self.key, obj.content)
+            wire["encrypted"] = True  # content_hash stays the plaintext's (protocol.md §9)
+        return wire
+
+    def push(self, report: SyncReport, push_all: bool = False, force: bool = False,
+             dry_run: bool = False) -> None:
+        """Send dirty (or, with push_all, all) syncable rows in bounded batches."""
+        plural = {"memory": "memories", "session": "sessions", "edge": "edges"}
+        # Sessions and memories before edges, so an edge never arrives before its ends.
+        for kind in ("session", "memory", "edge"):
+            rows = self._scan(kind, push_all)
+            if dry_run:
+                for obj in rows:
+                    report.pushed[plural[kind]] += 1
+                    if len(report.plan) < PLAN_LIMIT:
+                        report.plan.append({"op": "push", "kind": kind, "id": obj.id,
+                                            "deleted": obj.deleted_at is not None})
+                continue
+            sent: Dict[str, int] = {}
+
+            def wire_rows() -> Iterator[dict]:
+                for obj in rows:
+                    sent[obj.id] = obj.seq
+                    yield self._wire(kind, obj)
+
+            for batch in batches(wire_rows(), PUSH_BATCH_ITEMS, PUSH_BATCH_BYTES):
+                lists = {"memories": [], "sessions": [], "edges": []}
+                lists[plural[kind]] = batch
+                response = self.client.push(self.store.device_id, force=force, **lists)
+                batch_seqs = {item["id"]: sent.pop(item["id"]) for item in batch}
+                accepted = self._settle_push(kind, batch_seqs, response)
+                report.pushed[plural[kind]] += accepted
+                report.rejected += len(batch) - accepted
+                self.progress(f"pushed {sum(report.pushed.values())}")
+        if not dry_run:
+            self.store.set_state("last_push_at", utc_now())
+
+    def _settle_push(self, kind: str, seqs: Dict[str, int], response: dict) -> int:
+        """Mark accepted rows clean (only if not rewritten meanwhile); return how many were accepted."""
+        results = response.get("results")
+        clocks: Dict[str, Optional[Clock]] = {}
+        if isinstance(results, list):  # our reference server's per-item verdicts
+            for item in results:
+                if (isinstance(item, dict) and item.get("status") == "accepted"
+                        and item.get("entity_type") == kind and item.get("id") in seqs):
+                    clock = item.get("vector_clock")
+                    clocks[item["id"]] = clock if isinstance(clock, dict) else None
+        else:
+            # An anchor server reports stale rejections only as counts: if anything in the batch
+            # was not accepted we cannot tell which, so all stay dirty and the pull settles them.
+            conflicts = response.get("conflicts") or []
+            if not response.get("rejected") and not conflicts:
+                clocks = {row_id: None for row_id in seqs}
+        if clocks:
+            table = _KINDS[kind][0]
+            with self.store.transaction():
+                self.store.conn.executemany(
+                    f"UPDATE {table} SET dirty = 0, vector_clock = coalesce(?, vector_clock) "
+                    f"WHERE id = ? AND seq = ? AND dirty = 1",
+                    [(_dumps(clock) if clock else None, row_id, seqs[row_id]) for row_id, clock in clocks.items()])
+        return len(clocks)
+
+    # -- pull --------------------------------------------------------------------------------
+
+    def pull(self, report: SyncReport, dry_run: bool = False) -> None:
+        """Fetch cloud changes page by page; each page commits together with its cursor."""
+        cursor_key, since_key = f"pull_cursor|{self.scope}", f"pull_since|{self.scope}"
+        cursor = self.store.state(cursor_key)
+        since = self.store.state(since_key)
+        if since:  # timestamp cursors (anchor servers) re-read an overlap window; applying is idempotent
+            since = format_ts(parse_ts(since) - timedelta(seconds=PULL_OVERLAP_SECONDS))
+        offset, first_timestamp = 0, None
+        for _page in range(PULL_MAX_PAGES):
+            response = self.client.pull(self.store.device_id, cursor, since, PULL_PAGE_SIZE, offset)
+            page = self._parse_page(response)
+            first_timestamp = first_timestamp or response.get("server_timestamp")
+            next_cursor = response.get("next_cursor")
+            if next_cursor is not None and not isinstance(next_cursor, str):
+                next_cursor = str(next_cursor)
+            upserted, deleted = self._apply_page(page, report, dry_run, cursor_key, next_cursor)
+            if not dry_run and (upserted or deleted):
+                warning = index_after_pull(self.store, self.cfg, upserted, deleted)
+                if warning and warning not in report.warnings:
+                    report.warnings.append(warning)
+            self.progress(f"pulled {sum(report.pulled.values())}")
+            if not response.get("has_more"):
+                break
+            if next_cursor is not None:
+                if next_cursor == cursor:
+                    raise ServerError("The server's pull paging did not advance; stopping (nothing was lost)")
+                cursor, offset = next_cursor, 0
+            else:
+                # Anchor paging: advance by the longest list, never by next_offset (protocol.md §8).
+                step = max(len(page["memory"]), len(page["session"]), len(page["edge"]))
+                if step == 0:
+                    raise ServerError("The server said it has more rows but sent none; stopping")
+                offset += step
+        else:  # pragma: no cover - needs a server that pages forever
+            raise ServerError("The server's pull paging never ended; stopping (nothing was lost)")
+        if not dry_run:
+            if first_timestamp:
+                self.store.set_state(since_key, normalize_ts(first_timestamp))
+            self.store.set_state("last_pull_at", utc_now())
+
+    def _parse_page(self, response: dict) -> Dict[str, List[Any]]:
+        page: Dict[str, List[Any]] = {}
+        for kind, (_table, cls, _cols) in _KINDS.items():
+            items = response.get(_WIRE_LISTS[kind]) or []
+            if not isinstance(items, list):
+                raise ServerError(f"Invalid pull response: {_WIRE_LISTS[kind]} is not a list")
+            try:
+                page[kind] = [cls.from_wire(item) for item in items]
+            except ValueError as exc:
+                raise ServerError(f"Invalid {kind} in the pull response ({exc}); nothing was applied") from None
+        for memory in page["memory"]:
+            if memory.encrypted:
+                self._decrypt(memory)
+        return page
+
+    def _decrypt(self, memory: Memory) -> None:
+        if self.key is None:
+            _aesgcm()  # names the missing extra when cryptography is not installed
+            raise CryptoError(f"Memory {memory.id} is end-to-end encrypted and this device has no passphrase. "
+                              f"Run: contextfs cloud configure --e2ee (nothing was stored)")
+        try:
+            plaintext = decrypt_content(self.key, memory.content)
+        except CryptoError:
+            raise CryptoError(f"Cannot decrypt memory {memory.id}: wrong E2EE passphrase on this device? "
+                              f"Run: contextfs cloud configure --e2ee (nothing was stored)") from None
+        memory.content = plaintext
+        memory.encrypted = False
+        memory.content_hash = content_hash(plaintext)
+
+    def _apply_page(self, page: Dict[str, List[Any]], report: SyncReport, dry_run: bool,
+                    cursor_key: str, next_cursor: Optional[str]) -> Tuple[List[str], List[str]]:
+        """Apply one page in one transaction (with its cursor); return memory ids changed."""
+        upserted: List[str] = []
+        deleted: List[str] = []
+        store = self.store
+        plural = {"memory": "memories", "session": "sessions", "edge": "edges"}
+        with store.transaction():
+            for kind in ("session", "memory", "edge"):
+                incoming = page[kind]
+                if not incoming:
+                    continue
+                table, cls, columns = _KINDS[kind]
+                # One query per page and kind for the local versions: flat cost per item.
+                ids = [obj.id for obj in incoming]
+                local_rows = {r["id"]: _from_row(cls, r, columns) for r in store.conn.execute(
+                    f"SELECT * FROM {table} WHERE id IN (SELECT value FROM json_each(?))", (_dumps(ids),))}
+                writes: List[Any] = []
+                for cloud in incoming:
+                    local = local_rows.get(cloud.id)
+                    verdict = decide_incoming(
+                        local.vector_clock if local else None, bool(local and local.dirty),
+                        local is not None and _same_version(kind, local, cloud), cloud.vector_clock)
+                    if verdict in (APPLY_SKIP, APPLY_KEEP_LOCAL):
+                        continue
+                    if dry_run:
+                        if len(report.plan) < PLAN_LIMIT:
+                            report.plan.append({"op": verdict, "kind": kind, "id": cloud.id,
+                                                "deleted": cloud.deleted_at is not None})
+                        if verdict != APPLY_SETTLE:
+                            report.pulled[plural[kind]] += 1
+                        if verdict == APPLY_CONFLICT and kind != "edge" and not local.deleted_at:
+                            report.conflicts.append((cloud.id, f"{cloud.id}_local"))
+                        continue
+                    if verdict == APPLY_SETTLE:
+                        local.vector_clock = clock_merge(local.vector_clock, cloud.vector_clock)
+                        local.dirty = False
+                        writes.append(local)
+                        continue
+                    if verdict == APPLY_CONFLICT and kind != "edge" and not local.deleted_at:
+                        # Cloud wins under the id; the local version is kept as <id>_local, never pushed
+                        # until resolved. (Edges carry no user text: the cloud's weight simply wins.)
+                        copy_id = conflict_copy_id(cloud.id, lambda i: store._get(kind, i) is not None)
+                        local.id, local.conflict_of, local.vector_clock = copy_id, cloud.id, {}
+                        store._write(kind, local, dirty=True)
+                        report.conflicts.append((cloud.id, copy_id))
+                        if kind == "memory":
+                            upserted.append(copy_id)
+                    cloud.dirty, cloud.seq = False, 0
+                    writes.append(cloud)
+                    report.pulled[plural[kind]] += 1
+                    if kind == "memory":
+                        (deleted if cloud.deleted_at else upserted).append(cloud.id)
+                if writes:
+                    self._write_many(kind, writes)
+            if not dry_run and next_cursor is not None:
+                store.set_state(cursor_key, next_cursor)
+        return upserted, deleted
+
+    def _write_many(self, kind: str, objs: List[Any]) -> None:
+        table, _cls, columns = _KINDS[kind]
+        assignments = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "id")
+        self.store.conn.executemany(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+            f"ON CONFLICT(id) DO UPDATE SET {assignments}", [_to_row(o, columns) for o in objs])
+
+
+def _client_for(cfg: Config) -> CloudClient:
+    return CloudClient(cfg.server_url, cfg.api_key, insecure=bool(cfg.get("cloud", "insecure", False)))
+
+
 def cloud_sync(home: Optional[Path] = None, direction: str = "both", push_all: bool = False,
-               force: bool = False, dry_run: bool = False) -> SyncReport:
+               force: bool = False, dry_run: bool = False,
+               progress: Optional[Callable[[str], None]] = None) -> SyncReport:
     """Sync this device with the cloud: push, pull or both (push then pull)."""
     if direction not in ("push", "pull", "both"):
         raise UsageError(f"direction must be push, pull or both, not {direction!r}")
+    started = time.monotonic()
     cfg = load_config(home)
     require_cloud(cfg)
-    raise ServerError("sync engine not built yet")  # WIP: replaced by the engine (issue 4)
+    key = e2ee_key(cfg)
+    with SyncLock(cfg.home), open_store(cfg.home) as store, _client_for(cfg) as client:
+        report = SyncEngine(store, client, cfg, key, progress).run(direction, push_all, force, dry_run)
+    report.duration_ms = int((time.monotonic() - started) * 1000)
+    return report
 
 
 def cloud_status(home: Optional[Path] = None, remote: bool = True) -> dict:
@@ -1392,10 +2080,52 @@ def cloud_status(home: Optional[Path] = None, remote: bool = True) -> dict:
     cfg = load_config(home)
     with open_store(cfg.home) as store:
         counts = store.counts()
-        return {"enabled": cfg.enabled, "server_url": cfg.server_url, "api_key": mask_key(cfg.api_key),
-                "device_id": store.device_id, "last_push_at": store.state("last_push_at"),
-                "last_pull_at": store.state("last_pull_at"), "pending_push": counts["pending_push"],
-                "conflicts": counts["conflicts"], "local": counts}
+        status: Dict[str, Any] = {
+            "enabled": cfg.enabled, "server_url": cfg.server_url, "api_key": mask_key(cfg.api_key),
+            "e2ee": cfg.e2ee, "device_id": store.device_id,
+            "last_push_at": store.state("last_push_at"), "last_pull_at": store.state("last_pull_at"),
+            "pending_push": counts["pending_push"], "conflicts": counts["conflicts"], "local": counts,
+            "server": None}
+        if remote and cfg.enabled and cfg.api_key:
+            try:
+                with _client_for(cfg) as client:
+                    client.retries = 1
+                    server = client.status(store.device_id)
+                status["server"] = {k: server.get(k) for k in (
+                    "memory_count", "session_count", "edge_count", "pending_pull_count", "last_sync_at")
+                    if k in server}
+            except ContextFSError as exc:
+                status["server"] = {"error": exc.message}
+    return status
+
+
+def cloud_check(home: Optional[Path] = None) -> dict:
+    """Compare local and server manifests with the diff endpoint; report the differences."""
+    cfg = load_config(home)
+    require_cloud(cfg)
+    with open_store(cfg.home) as store, _client_for(cfg) as client:
+        manifest = []
+        local_hashes: Dict[str, Tuple[str, bool]] = {}
+        for row in store.conn.execute(
+                f"SELECT id, content_hash, updated_at, deleted_at FROM memories WHERE {_PUSHABLE['memory']}"):
+            # deleted_at is left out on purpose: an anchor server would apply it (diff rule 2).
+            manifest.append({"id": row[0], "content_hash": row[1], "updated_at": row[2]})
+            local_hashes[row[0]] = (row[1], row[3] is not None)
+        response = client.diff(store.device_id, manifest, [], [])
+    only_server, differ = [], []
+    for item in response.get("missing_memories") or []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("id") not in local_hashes:
+            only_server.append(item.get("id"))
+        elif item.get("deleted_at") is None or not local_hashes[item["id"]][1]:
+            differ.append(item.get("id"))
+    deleted_on_server = [i for i in response.get("deleted_memory_ids") or [] if not local_hashes.get(i, ("", True))[1]]
+    only_local = [i for i in response.get("server_missing_memory_ids") or [] if not local_hashes.get(i, ("", True))[1]]
+    result = {"only_local": only_local, "only_server": only_server, "different": differ,
+              "deleted_on_server_only": deleted_on_server}
+    result["in_sync"] = not any(result.values())
+    return result
 
 
 # ---- 11. reference server ----------------------------------------------------------------
@@ -1679,8 +2409,259 @@ def _add_memory_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_session)
 
 
+def _progress_printer() -> Optional[Callable[[str], None]]:
+    """Progress on stderr when it is a terminal; nothing when piped."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(message: str) -> None:
+        sys.stderr.write(f"\r{message}   ")
+        sys.stderr.flush()
+    return show
+
+
+def _read_secret(prompt: str, from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    return getpass.getpass(prompt)
+
+
+def cmd_cloud_login(args: argparse.Namespace) -> int:
+    """contextfs cloud login [--email E] [--api-key KEY] [--server URL]"""
+    cfg = load_config()
+    server = check_server_url(args.server or cfg.server_url, args.insecure or bool(cfg.get("cloud", "insecure")))
+    who = ""
+    if args.api_key:
+        key = sys.stdin.readline().strip() if args.api_key == "-" else args.api_key.strip()
+    elif args.email or args.password_stdin or sys.stdin.isatty():
+        email = args.email or input("Email: ").strip()
+        password = _read_secret("Password: ", args.password_stdin)
+        with CloudClient(server, insecure=True) as client:
+            key = str(client.login(email, password).get("apiKey") or "")
+        who = email
+    else:  # a key piped on standard input
+        key = sys.stdin.readline().strip()
+    if not key:
+        raise UsageError("No API key given (use --api-key KEY, pipe the key on stdin, or --email)")
+    with CloudClient(server, key, insecure=True) as client:  # URL already checked above
+        client.retries = 1
+        try:
+            me = client.me()
+            who = who or str(me.get("email") or me.get("name") or "")
+        except AuthError:
+            raise AuthError("The server rejected that API key (nothing was saved). "
+                            "Check the key, or run: contextfs cloud login --email YOU@EXAMPLE.COM") from None
+    cfg.set("cloud", "api_key", key)
+    if args.server:
+        cfg.set("cloud", "server_url", server)
+    if args.insecure:
+        cfg.set("cloud", "insecure", True)
+    save_config(cfg)
+    print(f"Logged in to {server}" + (f" as {who}" if who else "") + f". API key {mask_key(key)} saved to {cfg.path}")
+    if not cfg.enabled:
+        print("Next: contextfs cloud configure --enabled")
+    return EXIT_OK
+
+
+def cmd_cloud_logout(args: argparse.Namespace) -> int:
+    """contextfs cloud logout"""
+    cfg = load_config()
+    had_key = bool(cfg.get("cloud", "api_key"))
+    cfg.set("cloud", "api_key", None)
+    cfg.set("cloud", "e2ee_key", None)
+    save_config(cfg)
+    print(f"Logged out: API key removed from {cfg.path}" if had_key else "Not logged in")
+    if os.environ.get(ENV_API_KEY):
+        print(f"Note: {ENV_API_KEY} is still set in your environment")
+    return EXIT_OK
+
+
+def cmd_cloud_configure(args: argparse.Namespace) -> int:
+    """contextfs cloud configure [--enabled|--disabled] [--server-url URL] [--e2ee|--no-e2ee]"""
+    cfg = load_config()
+    if args.insecure:
+        cfg.set("cloud", "insecure", True)
+    if args.server_url:
+        cfg.set("cloud", "server_url", check_server_url(args.server_url, bool(cfg.get("cloud", "insecure"))))
+    if args.enabled is not None:
+        cfg.set("cloud", "enabled", args.enabled)
+    if args.e2ee is True:
+        _aesgcm()  # fail early, naming the extra, when cryptography is missing
+        if not cfg.api_key:
+            raise NotConfigured(MSG_NO_KEY)
+        with _client_for(cfg) as client:
+            salt = client.encryption_salt()
+        passphrase = _read_secret("E2EE passphrase (the same on every device): ", args.passphrase_stdin)
+        if not args.passphrase_stdin and sys.stdin.isatty():
+            if _read_secret("Repeat the passphrase: ", False) != passphrase:
+                raise UsageError("The passphrases do not match; nothing was changed")
+        cfg.set("cloud", "e2ee", True)
+        cfg.set("cloud", "e2ee_key", b64url_encode(derive_passphrase_key(passphrase, salt)))
+    elif args.e2ee is False:
+        cfg.set("cloud", "e2ee", False)
+        cfg.set("cloud", "e2ee_key", None)
+    save_config(cfg)
+    view = {"enabled": cfg.enabled, "server_url": cfg.server_url, "api_key": mask_key(cfg.api_key),
+            "e2ee": cfg.e2ee}
+    if args.json:
+        _print_json(view)
+    else:
+        print(f"Cloud configuration saved to {cfg.path}")
+        for key, value in view.items():
+            print(f"  {key}: {value}")
+    return EXIT_OK
+
+
+def cmd_cloud_sync(args: argparse.Namespace) -> int:
+    """contextfs cloud sync [--direction push|pull|both] [--all] [--force] [--dry-run]"""
+    progress = None if args.json else _progress_printer()
+    report = cloud_sync(direction=args.direction, push_all=args.all, force=args.force,
+                        dry_run=args.dry_run, progress=progress)
+    if progress:
+        sys.stderr.write("\r")
+    if args.json:
+        _print_json(report.to_dict())
+        return EXIT_OK
+    for step in report.plan:
+        print(f"  would {step['op']} {step['kind']} {step['id']}" + (" (delete)" if step.get("deleted") else ""))
+    print(report.summary())
+    for original, copy in report.conflicts:
+        print(f"  conflict: {original} now has the cloud version; your local version is kept as {copy} "
+              f"(resolve: contextfs cloud resolve {copy} --keep local|cloud)")
+    if report.rejected:
+        print(f"  {report.rejected} item(s) not accepted by the server yet; they stay pending and "
+              f"settle on the next pull")
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_cloud_status(args: argparse.Namespace) -> int:
+    """contextfs cloud status"""
+    status = cloud_status(remote=True)
+    if args.json:
+        _print_json(status)
+        return EXIT_OK
+    local = status["local"]
+    print(f"Cloud sync:   {'enabled' if status['enabled'] else 'disabled'}")
+    print(f"Server:       {status['server_url']}")
+    print(f"API key:      {status['api_key']}")
+    print(f"E2EE:         {'on' if status['e2ee'] else 'off'}")
+    print(f"Device:       {status['device_id']}")
+    print(f"Last push:    {status['last_push_at'] or 'never'}")
+    print(f"Last pull:    {status['last_pull_at'] or 'never'}")
+    print(f"Local:        {local['memories']} memories ({local['drafts']} drafts, {local['temporary']} "
+          f"temporary), {local['sessions']} sessions, {local['edges']} relationships")
+    print(f"Pending push: {status['pending_push']}")
+    print(f"Conflicts:    {status['conflicts']}" + (" (see: contextfs cloud conflicts)" if status['conflicts'] else ""))
+    server = status["server"]
+    if server and "error" in server:
+        print(f"Server state: unavailable ({server['error']})")
+    elif server:
+        counts = ", ".join(f"{server[k]} {k.split('_')[0]}s" for k in ("memory_count", "session_count", "edge_count")
+                           if k in server)
+        print(f"Server state: {counts or 'reachable'}"
+              + (f"; {server['pending_pull_count']} to pull" if server.get("pending_pull_count") is not None else ""))
+    if not status["enabled"]:
+        print(MSG_DISABLED)
+    elif status["api_key"] == "(none)":
+        print(MSG_NO_KEY)
+    return EXIT_OK
+
+
+def cmd_cloud_conflicts(args: argparse.Namespace) -> int:
+    """contextfs cloud conflicts"""
+    with _open(args) as store:
+        copies = store.conflicts()
+    if args.json:
+        _print_json([memory_view(m) for m in copies])
+    elif not copies:
+        print("No conflicts")
+    else:
+        for copy in copies:
+            print(f"{copy.id}  local copy of {copy.conflict_of}: {_one_line(copy.content, 60)}")
+        print("Resolve: contextfs cloud resolve ID --keep local|cloud")
+    return EXIT_OK
+
+
+def cmd_cloud_resolve(args: argparse.Namespace) -> int:
+    """contextfs cloud resolve ID --keep local|cloud"""
+    with _open(args) as store:
+        memory = store.resolve_conflict(args.id, args.keep)
+    if args.json:
+        _print_json(memory_view(memory))
+    elif args.keep == "local":
+        print(f"Resolved {memory.id}: your local version wins and will be pushed on the next sync")
+    else:
+        print(f"Resolved {memory.conflict_of or memory.id}: kept the cloud version, dropped the local copy")
+    return EXIT_OK
+
+
+def cmd_cloud_check(args: argparse.Namespace) -> int:
+    """contextfs cloud check"""
+    result = cloud_check()
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    if result["in_sync"]:
+        print("In sync: every local memory matches the server")
+        return EXIT_OK
+    labels = {"only_local": "only on this device (push them: contextfs cloud sync)",
+              "only_server": "only on the server (pull them: contextfs cloud sync)",
+              "different": "different content on the two sides",
+              "deleted_on_server_only": "deleted on the server but live here"}
+    for key, label in labels.items():
+        if result[key]:
+            print(f"{len(result[key])} {label}:")
+            for row_id in result[key][:20]:
+                print(f"  {row_id}")
+            if len(result[key]) > 20:
+                print(f"  … and {len(result[key]) - 20} more")
+    return EXIT_OK
+
+
 def _add_cloud_parsers(sub: Any, common: Any) -> None:
-    """contextfs cloud … (issue 4)."""
+    """contextfs cloud login|logout|configure|sync|status|conflicts|resolve|check."""
+    p = sub.add_parser("cloud", help="sync with a ContextFS Cloud compatible server")
+    csub = p.add_subparsers(dest="cloud_command", metavar="COMMAND", required=True)
+    sp = csub.add_parser("login", help="authenticate and save an API key")
+    sp.add_argument("--email")
+    sp.add_argument("--api-key", help="an existing API key (or - to read it from stdin)")
+    sp.add_argument("--server", help="server URL (saved)")
+    sp.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    sp.add_argument("--insecure", action="store_true", help="allow plain http:// to a non-loopback host")
+    sp.set_defaults(func=cmd_cloud_login)
+    sp = csub.add_parser("logout", help="forget the API key")
+    sp.set_defaults(func=cmd_cloud_logout)
+    sp = csub.add_parser("configure", parents=[common], help="enable/disable sync, server URL, E2EE")
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--enabled", dest="enabled", action="store_true", default=None)
+    group.add_argument("--disabled", dest="enabled", action="store_false")
+    sp.add_argument("--server-url")
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--e2ee", dest="e2ee", action="store_true", default=None,
+                       help="end-to-end encrypt memory content (asks for a passphrase)")
+    group.add_argument("--no-e2ee", dest="e2ee", action="store_false")
+    sp.add_argument("--passphrase-stdin", action="store_true", help="read the E2EE passphrase from stdin")
+    sp.add_argument("--insecure", action="store_true", help="allow plain http:// to a non-loopback host")
+    sp.set_defaults(func=cmd_cloud_configure)
+    sp = csub.add_parser("sync", parents=[common], help="push then pull (default)")
+    sp.add_argument("--direction", choices=("push", "pull", "both"), default="both")
+    sp.add_argument("--all", action="store_true", help="push every syncable memory, not just changes")
+    sp.add_argument("--force", action="store_true", help="overwrite the server's versions")
+    sp.add_argument("--dry-run", action="store_true", help="show what would happen; change nothing")
+    sp.set_defaults(func=cmd_cloud_sync)
+    for name, func, text in (("status", cmd_cloud_status, "show sync status"),
+                             ("conflicts", cmd_cloud_conflicts, "list conflict copies (<id>_local)"),
+                             ("check", cmd_cloud_check, "compare local and server content")):
+        sp = csub.add_parser(name, parents=[common], help=text)
+        sp.set_defaults(func=func)
+    sp = csub.add_parser("resolve", parents=[common], help="resolve a conflict")
+    sp.add_argument("id", metavar="ID", help="the memory id or its _local copy id")
+    sp.add_argument("--keep", choices=("local", "cloud"), required=True)
+    sp.set_defaults(func=cmd_cloud_resolve)
 
 
 def _add_index_parsers(sub: Any, common: Any) -> None:
