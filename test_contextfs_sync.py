@@ -455,7 +455,444 @@ def test_cli_human_output_is_plain_when_piped(home):
 
 
 # ---- tests: sync ---------------------------------------------------------------------------
-# (sync engine, cloud CLI)
+import re as _re
+import selectors as _selectors
+import signal as _signal
+import threading as _threading
+import time as _time
+
+
+class LiveServer:
+    """A real `contextfs server run --port 0` subprocess on 127.0.0.1 with its own data dir."""
+
+    def __init__(self, data_dir, extra_args=()):
+        self.data = Path(data_dir)
+        self.home = self.data.parent / (self.data.name + "-home")
+        self.extra_args = tuple(extra_args)
+        self.proc = None
+        self.url = None
+        self.start()
+
+    def start(self):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
+        env["CONTEXTFS_HOME"] = str(self.home)
+        self.proc = subprocess.Popen([CONTEXTFS, "server", "run", "--host", "127.0.0.1", "--port", "0",
+                                      "--data", str(self.data), *self.extra_args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        sel = _selectors.DefaultSelector()
+        sel.register(self.proc.stdout, _selectors.EVENT_READ)
+        deadline = _time.monotonic() + 20
+        line = ""
+        while _time.monotonic() < deadline and not line:
+            if sel.select(timeout=0.5):
+                line = self.proc.stdout.readline()
+            elif self.proc.poll() is not None:
+                break
+        sel.close()
+        match = _re.search(r"listening on (http://\S+)", line)
+        assert match, f"server did not start: {line!r} {self.proc.stderr.read() if self.proc.poll() is not None else ''}"
+        self.url = match.group(1)
+
+    def add_user(self, email, password=None):
+        args = ["server", "add-user", email, "--data", str(self.data)]
+        if password is not None:
+            args.append("--password-stdin")
+        proc = run_cli(self.home, *args, input=(password + "\n") if password is not None else None, check=0)
+        return proc.stdout.strip().splitlines()[-1]
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(_signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    server = LiveServer(tmp_path / "server-data")
+    yield server
+    server.stop()
+
+
+def make_device(tmp_path, name, server, key, enable=True):
+    """A device home logged in to `server` with `key` (through the real CLI)."""
+    home = tmp_path / name
+    run_cli(home, "cloud", "login", "--api-key", key, "--server", server.url, check=0)
+    if enable:
+        run_cli(home, "cloud", "configure", "--enabled", check=0)
+    return home
+
+
+def sync(home, *args, check=0):
+    """`contextfs cloud sync --json …` → the report dict."""
+    proc = run_cli(home, "cloud", "sync", "--json", *args, check=check)
+    return json.loads(proc.stdout) if proc.returncode == 0 else proc
+
+
+def raw(server, key, path, body=None, method="POST"):
+    """A raw HTTP call to the server (for looking at what it stores)."""
+    import httpx
+
+    headers = {"X-API-Key": key} if key else {}
+    response = httpx.request(method, server.url + path, json=body, headers=headers, timeout=10)
+    return response.status_code, response.json()
+
+
+def server_memories(server, key):
+    """Every memory the server holds for this account (pulled with a fresh device id)."""
+    out, cursor = {}, None
+    raw(server, key, "/api/sync/register", {"device_id": "inspector", "device_name": "t",
+                                            "platform": "t", "client_version": "t"})
+    for _ in range(1000):
+        status, page = raw(server, key, "/api/sync/pull", {"device_id": "inspector", "cursor": cursor, "limit": 1000})
+        assert status == 200, page
+        for m in page["memories"]:
+            out[m["id"]] = m
+        if not page["has_more"]:
+            return out
+        cursor = page["next_cursor"]
+    raise AssertionError("pull paging did not end")
+
+
+@pytest.fixture
+def two_devices(tmp_path, live_server):
+    key = live_server.add_user("alice@example.com")
+    return live_server, key, make_device(tmp_path, "laptop", live_server, key), make_device(tmp_path, "desktop", live_server, key)
+
+
+def test_memories_sessions_and_edges_converge_with_metadata(two_devices):
+    server, key, laptop, desktop = two_devices
+    session = cli_json(laptop, "session", "start", "--label", "refactor", "--repo", "/src/app")
+    a = cli_json(laptop, "save", "Use uv for virtualenvs", "--type", "decision", "--tags", "python,tools",
+                 "--summary", "uv", "--metadata", '{"ticket": "T-1", "nested": {"n": 1}}',
+                 "--source-repo", "git@github.com:me/app.git", "--source-file", "pyproject.toml")
+    b = cli_json(laptop, "save", "pip install fails without --user", "--type", "error")
+    cli_json(laptop, "link", a["id"], b["id"], "--relation", "resolves")
+    cli_json(laptop, "session", "end", "--summary", "moved to uv")
+    report = sync(laptop)
+    assert report["pushed"] == {"memories": 2, "sessions": 1, "edges": 1}, report
+    assert report["summary"].startswith("pushed 4, pulled 0")
+    report = sync(desktop)
+    assert report["pulled"] == {"memories": 2, "sessions": 1, "edges": 1}
+    got = cli_json(desktop, "show", a["id"])
+    for field in ("content", "type", "tags", "summary", "metadata", "source_repo", "source_file",
+                  "session_id", "created_at", "content_hash"):
+        assert got[field] == a[field], field
+    assert got["session_id"] == session["id"] and got["dirty"] is False
+    assert got["edges"][0]["relation"] == "resolves" and got["edges"][0]["to_id"] == b["id"]
+    sessions = cli_json(desktop, "session", "list")
+    assert sessions[0]["summary"] == "moved to uv" and sessions[0]["label"] == "refactor"
+    # Edits flow back the other way, and a second sync has nothing to do.
+    cli_json(desktop, "edit", a["id"], "Use uv for virtualenvs and tools", "--tags", "python")
+    sync(desktop)
+    sync(laptop)
+    assert cli_json(laptop, "show", a["id"])["content"] == "Use uv for virtualenvs and tools"
+    assert sync(laptop)["summary"] == "pushed 0, pulled 0"
+    assert cli_json(laptop, "cloud", "status")["pending_push"] == 0
+
+
+def test_deletes_propagate_as_tombstones(two_devices):
+    server, key, laptop, desktop = two_devices
+    m = cli_json(laptop, "save", "soon gone")
+    sync(laptop)
+    sync(desktop)
+    run_cli(desktop, "delete", m["id"], check=0)
+    sync(desktop)
+    sync(laptop)
+    assert cli_json(laptop, "list") == []
+    assert server_memories(server, key)[m["id"]]["deleted_at"]
+
+
+def test_drafts_and_temporary_memories_never_reach_the_server(two_devices):
+    server, key, laptop, desktop = two_devices
+    draft = cli_json(laptop, "save", "half-baked idea", "--draft")
+    temp = cli_json(laptop, "save", "scratch", "--temporary")
+    kept = cli_json(laptop, "save", "a real fact")
+    sync(laptop, "--all")
+    on_server = server_memories(server, key)
+    assert set(on_server) == {kept["id"]}
+    cli_json(laptop, "edit", draft["id"], "--publish")
+    sync(laptop)
+    assert set(server_memories(server, key)) == {kept["id"], draft["id"]}
+    assert temp["id"] not in server_memories(server, key)
+
+
+def test_push_all_restores_a_wiped_server(tmp_path, two_devices):
+    server, key, laptop, desktop = two_devices
+    ids = {cli_json(laptop, "save", f"memory {i}")["id"] for i in range(5)}
+    sync(laptop)
+    server.stop()
+    import shutil
+    shutil.rmtree(server.data)
+    server.start()                           # an empty server, a new account
+    new_key = server.add_user("alice@example.com")
+    run_cli(laptop, "cloud", "login", "--api-key", new_key, "--server", server.url, check=0)
+    assert sync(laptop)["pushed"]["memories"] == 0      # nothing is dirty …
+    assert sync(laptop, "--all")["pushed"]["memories"] == 5  # … but --all repairs the server
+    fresh = make_device(tmp_path, "fresh", server, new_key)
+    sync(fresh)
+    assert {m["id"] for m in cli_json(fresh, "list")} == ids
+
+
+def test_concurrent_edit_keeps_cloud_version_and_local_copy(two_devices):
+    server, key, laptop, desktop = two_devices
+    m = cli_json(laptop, "save", "original text")
+    sync(laptop)
+    sync(desktop)
+    cli_json(laptop, "edit", m["id"], "laptop text")
+    cli_json(desktop, "edit", m["id"], "desktop text")
+    sync(laptop)                                           # laptop's edit reaches the cloud first
+    report = sync(desktop)
+    assert report["conflicts"] == [{"id": m["id"], "local_copy": f"{m['id']}_local"}]
+    human = run_cli(desktop, "cloud", "sync", check=0).stdout
+    assert human.startswith("pushed 0, pulled 0")
+    assert cli_json(desktop, "show", m["id"])["content"] == "laptop text"
+    copy = cli_json(desktop, "show", f"{m['id']}_local")
+    assert copy["content"] == "desktop text" and copy["conflict_of"] == m["id"]
+    assert [c["id"] for c in cli_json(desktop, "cloud", "conflicts")] == [f"{m['id']}_local"]
+    sync(desktop, "--all")                                 # never pushed until resolved
+    assert f"{m['id']}_local" not in server_memories(server, key)
+    assert server_memories(server, key)[m["id"]]["content"] == "laptop text"
+
+
+def test_conflict_summary_line_names_the_copy(two_devices):
+    server, key, laptop, desktop = two_devices
+    m = cli_json(laptop, "save", "v1")
+    sync(laptop), sync(desktop)
+    cli_json(laptop, "edit", m["id"], "v2 laptop")
+    cli_json(desktop, "edit", m["id"], "v2 desktop")
+    sync(laptop)
+    out = run_cli(desktop, "cloud", "sync", check=0).stdout
+    assert out.splitlines()[0] == f"pushed 0, pulled 1, 1 conflict kept as {m['id']}_local"
+
+
+@pytest.mark.parametrize("keep", ["local", "cloud"])
+def test_resolve_conflict_both_ways_then_converge(two_devices, keep):
+    server, key, laptop, desktop = two_devices
+    m = cli_json(laptop, "save", "v1")
+    sync(laptop), sync(desktop)
+    cli_json(laptop, "edit", m["id"], "laptop wins?")
+    cli_json(desktop, "edit", m["id"], "desktop wins?")
+    sync(laptop), sync(desktop)
+    run_cli(desktop, "cloud", "resolve", f"{m['id']}_local", "--keep", keep, check=0)
+    assert cli_json(desktop, "cloud", "conflicts") == []
+    sync(desktop), sync(laptop)
+    expected = "desktop wins?" if keep == "local" else "laptop wins?"
+    for home in (laptop, desktop):
+        assert cli_json(home, "show", m["id"])["content"] == expected
+        assert [x["id"] for x in cli_json(home, "list")] == [m["id"]]
+    assert server_memories(server, key)[m["id"]]["content"] == expected
+
+
+def test_pull_pages_across_boundaries_with_equal_timestamps(tmp_path, two_devices, monkeypatch):
+    server, key, laptop, desktop = two_devices
+    store = cfs.open_store(laptop)
+    with store.transaction():                 # 250 memories sharing one updated_at
+        for i in range(250):
+            store._write("memory", cfs.Memory(id=f"m{i:04d}", content=f"same time {i}",
+                                              created_at="2025-01-05T10:00:00.000000Z",
+                                              updated_at="2025-01-05T10:00:00.000000Z",
+                                              vector_clock={store.device_id: 1}), dirty=True)
+    store.close()
+    monkeypatch.setattr(cfs, "PUSH_BATCH_ITEMS", 40)
+    monkeypatch.setattr(cfs, "PULL_PAGE_SIZE", 7)
+    report = cfs.cloud_sync(laptop)
+    assert report.pushed["memories"] == 250
+    report = cfs.cloud_sync(desktop)
+    assert report.pulled["memories"] == 250
+    with cfs.open_store(desktop) as other:
+        assert other.conn.execute("SELECT count(*) FROM memories").fetchone()[0] == 250
+
+
+def test_embeddings_never_in_a_request_body(tmp_path, two_devices):
+    server, key, laptop, desktop = two_devices
+    for i in range(3):
+        cli_json(laptop, "save", f"embeddable {i}")
+    proxy = RecordingProxy(server.url)
+    try:
+        run_cli(laptop, "cloud", "sync", "--all", env={"CONTEXTFS_SERVER_URL": proxy.url}, check=0)
+    finally:
+        proxy.stop()
+    pushes = [body for path, body in proxy.requests if path == "/api/sync/push"]
+    assert pushes and all(b"embedding" not in body for body in pushes)
+    assert sum(len(json.loads(b)["memories"]) for b in pushes) == 3
+
+
+def test_disabled_and_missing_key_give_seed_messages_and_exit_3(tmp_path, live_server):
+    home = tmp_path / "dev"
+    proc = run_cli(home, "cloud", "sync")
+    assert proc.returncode == 3
+    assert proc.stderr.strip() == "Cloud sync is disabled. Run: contextfs cloud configure --enabled"
+    run_cli(home, "cloud", "configure", "--enabled", "--server-url", live_server.url, check=0)
+    proc = run_cli(home, "cloud", "sync")
+    assert proc.returncode == 3
+    assert proc.stderr.strip() == "No API key configured. Run: contextfs cloud login"
+
+
+def test_wrong_key_and_server_down_are_one_line_errors(tmp_path, live_server):
+    key = live_server.add_user("bob@example.com")
+    home = make_device(tmp_path, "dev", live_server, key)
+    cli_json(home, "save", "precious")
+    proc = run_cli(home, "cloud", "sync", env={"CONTEXTFS_API_KEY": "ctxfs_" + "x" * 43})
+    assert proc.returncode == 3 and "rejected the API key" in proc.stderr and "contextfs cloud login" in proc.stderr
+    assert "x" * 10 not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli(tmp_path / "other", "cloud", "login", "--api-key", "ctxfs_" + "y" * 43, "--server", live_server.url)
+    assert proc.returncode == 3 and "nothing was saved" in proc.stderr
+    live_server.stop()
+    proc = run_cli(home, "cloud", "sync", timeout=120)
+    assert proc.returncode == 1 and "Cannot sync with" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert cli_json(home, "list")[0]["content"] == "precious"
+
+
+def test_plain_http_to_a_remote_host_is_refused(tmp_path):
+    proc = run_cli(tmp_path / "h", "cloud", "configure", "--server-url", "http://sync.example.com")
+    assert proc.returncode == 1 and "--insecure" in proc.stderr
+    run_cli(tmp_path / "h", "cloud", "configure", "--server-url", "http://sync.example.com", "--insecure", check=0)
+
+
+def test_dry_run_changes_nothing(two_devices):
+    server, key, laptop, desktop = two_devices
+    m = cli_json(laptop, "save", "planned")
+    plan = sync(laptop, "--dry-run")
+    assert plan["dry_run"] and plan["plan"][0]["id"] == m["id"] and plan["pushed"]["memories"] == 1
+    assert server_memories(server, key) == {}
+    sync(laptop)
+    plan = sync(desktop, "--dry-run")
+    assert plan["pulled"]["memories"] == 1 and cli_json(desktop, "list") == []
+    assert sync(desktop)["pulled"]["memories"] == 1
+
+
+def test_users_are_isolated_through_sync(tmp_path, live_server):
+    alice, bob = live_server.add_user("alice@example.com"), live_server.add_user("bob@example.com")
+    a_home = make_device(tmp_path, "a", live_server, alice)
+    b_home = make_device(tmp_path, "b", live_server, bob)
+    secret = cli_json(a_home, "save", "alice's secret")
+    sync(a_home)
+    sync(b_home)
+    assert cli_json(b_home, "list") == []
+    # Bob forges a memory with Alice's id: it stays Bob's; Alice's copy is untouched.
+    store = cfs.open_store(b_home)
+    with store.transaction():
+        store._write("memory", cfs.Memory(id=secret["id"], content="bob overwrote it",
+                                          created_at=secret["created_at"], updated_at=secret["updated_at"],
+                                          vector_clock={"x": 99}), dirty=True)
+    store.close()
+    sync(b_home, "--force")
+    sync(a_home)
+    assert cli_json(a_home, "show", secret["id"])["content"] == "alice's secret"
+    assert server_memories(live_server, alice)[secret["id"]]["content"] == "alice's secret"
+
+
+def test_status_and_check_report_local_and_server_state(two_devices):
+    server, key, laptop, desktop = two_devices
+    cli_json(laptop, "save", "one")
+    status = cli_json(laptop, "cloud", "status")
+    assert status["enabled"] and status["pending_push"] == 1 and key not in json.dumps(status)
+    assert status["api_key"].startswith("ctxfs_") and "…" in status["api_key"]
+    human = run_cli(laptop, "cloud", "status", check=0).stdout
+    assert "Pending push: 1" in human and key not in human
+    assert cli_json(laptop, "cloud", "check")["only_local"]
+    sync(laptop)
+    status = cli_json(laptop, "cloud", "status")
+    assert status["server"]["memory_count"] == 1 and status["last_push_at"] and status["last_pull_at"]
+    assert cli_json(laptop, "cloud", "check")["in_sync"]
+    assert "In sync" in run_cli(laptop, "cloud", "check", check=0).stdout
+
+
+def test_e2ee_round_trip_server_sees_only_ciphertext(tmp_path, two_devices):
+    pytest.importorskip("cryptography")
+    server, key, laptop, desktop = two_devices
+    for home in (laptop, desktop):
+        run_cli(home, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse\n", check=0)
+    m = cli_json(laptop, "save", "the launch codes are 1234", "--tags", "secret")
+    sync(laptop)
+    stored = server_memories(server, key)[m["id"]]
+    assert stored["encrypted"] is True and "launch" not in stored["content"]
+    assert stored["content_hash"] == cfs.content_hash("the launch codes are 1234")
+    sync(desktop)
+    assert cli_json(desktop, "show", m["id"])["content"] == "the launch codes are 1234"
+    # A device with the wrong passphrase is told so, and stores nothing.
+    wrong = make_device(tmp_path, "wrong", server, key)
+    run_cli(wrong, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="wrong horse\n", check=0)
+    proc = run_cli(wrong, "cloud", "sync")
+    assert proc.returncode == 1 and "wrong E2EE passphrase" in proc.stderr
+    assert cli_json(wrong, "list") == []
+    # A device without E2EE configured gets a clear error, not ciphertext.
+    plain = make_device(tmp_path, "plain", server, key)
+    proc = run_cli(plain, "cloud", "sync")
+    assert proc.returncode == 3 and "configure --e2ee" in proc.stderr
+    assert cli_json(plain, "list") == []
+
+
+def test_anchor_e2ee_test_vector_decrypts():
+    pytest.importorskip("cryptography")
+    key = cfs.derive_anchor_key("ctxfs_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",
+                                "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8")
+    assert key.hex() == "fc28de6d8d9908f10e96011d86a6e85d65ec8d81cbcdfe42a3872a579c78caea"
+    token = "AAAAAAAAAAAAAAAAwPhxabh8yc3net0XCkyVyjU21-fyadCdX5koNQ=="
+    assert cfs.decrypt_content(key, token) == "hello world!"
+    assert cfs.decrypt_content(key, token.rstrip("=")) == "hello world!"
+    assert cfs.encrypt_content(key, "hello world!", nonce=bytes(12)) == token
+    with pytest.raises(cfs.CryptoError):
+        cfs.decrypt_content(bytes(32), token)
+
+
+def test_missing_e2ee_extra_names_the_pip_command(home):
+    code = ("import sys; sys.modules['cryptography'] = None; import contextfs_sync as c\n"
+            "try:\n    c.decrypt_content(bytes(32), 'AAAA')\nexcept c.CryptoError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert "pip install 'contextfs-sync[e2ee]'" in out
+
+
+class RecordingProxy:
+    """A tiny HTTP proxy on 127.0.0.1 that forwards to `upstream` and records request bodies."""
+
+    def __init__(self, upstream):
+        import http.client
+        import http.server
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        self.requests = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests.append((self.path, body))
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for k, v in response.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = _forward
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = _threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 # ---- tests: MCP stdio server ---------------------------------------------------------------
