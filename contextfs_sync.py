@@ -111,6 +111,10 @@ class CryptoError(ContextFSError):
     """End-to-end encryption failed (wrong passphrase, missing extra)."""
 
 
+class MassDeleteError(ContextFSError):
+    """A sync would delete a large part of the store; it stops unless forced."""
+
+
 # ---- 3. data model -----------------------------------------------------------------------
 
 Clock = Dict[str, int]
@@ -1709,6 +1713,8 @@ PULL_PAGE_SIZE = 1000
 PULL_OVERLAP_SECONDS = 600   # re-read window for timestamp-cursor (anchor) servers
 PULL_MAX_PAGES = 1_000_000   # a server whose paging never ends is an error, not a hang
 LOCK_TIMEOUT_SECONDS = 30.0
+MASS_DELETE_MIN = 50         # a sync deleting more than this many memories …
+MASS_DELETE_FRACTION = 0.25  # … and more than this share of them stops unless --force
 PLAN_LIMIT = 1000            # dry-run plan entries listed (counts are always complete)
 
 
@@ -1750,6 +1756,17 @@ class SyncLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.handle.close()  # closing the file releases the lock
+
+
+def is_mass_delete(deletions: int, total: int) -> bool:
+    """True when ``deletions`` of ``total`` memories is too many to apply without --force."""
+    return deletions > MASS_DELETE_MIN and deletions > MASS_DELETE_FRACTION * max(total, 1)
+
+
+def _mass_delete_message(where: str, deletions: int, total: int) -> str:
+    return (f"This sync would delete {deletions} of {total} memories {where} (more than "
+            f"{int(MASS_DELETE_FRACTION * 100)}%); nothing more was changed. Check with: contextfs cloud sync "
+            f"--dry-run, and if it is what you want, run: contextfs cloud sync --force")
 
 
 # Rows that may leave the device: drafts, temporary memories and conflict copies never do.
@@ -1815,7 +1832,7 @@ class SyncEngine:
         if direction in ("push", "both"):
             self.push(report, push_all=push_all, force=force, dry_run=dry_run)
         if direction in ("pull", "both"):
-            self.pull(report, dry_run=dry_run)
+            self.pull(report, dry_run=dry_run, force=force)
         return report
 
     def _register(self) -> None:
@@ -1863,6 +1880,14 @@ class SyncEngine:
              dry_run: bool = False) -> None:
         """Send dirty (or, with push_all, all) syncable rows in bounded batches."""
         plural = {"memory": "memories", "session": "sessions", "edge": "edges"}
+        where = _PUSHABLE["memory"]
+        deletions, total = self.store.conn.execute(
+            f"SELECT count(*) FILTER (WHERE dirty = 1 AND deleted_at IS NOT NULL), "
+            f"count(*) FILTER (WHERE deleted_at IS NULL OR dirty = 1) FROM memories WHERE {where}").fetchone()
+        if is_mass_delete(deletions, total) and not force:
+            if not dry_run:
+                raise MassDeleteError(_mass_delete_message("on the server", deletions, total))
+            report.warnings.append(_mass_delete_message("on the server", deletions, total))
         # Sessions and memories before edges, so an edge never arrives before its ends.
         for kind in ("session", "memory", "edge"):
             rows = self._scan(kind, push_all)
@@ -1919,8 +1944,12 @@ class SyncEngine:
 
     # -- pull --------------------------------------------------------------------------------
 
-    def pull(self, report: SyncReport, dry_run: bool = False) -> None:
+    def pull(self, report: SyncReport, dry_run: bool = False, force: bool = False) -> None:
         """Fetch cloud changes page by page; each page commits together with its cursor."""
+        live_total = self.store.conn.execute(
+            "SELECT count(*) FROM memories WHERE deleted_at IS NULL AND conflict_of IS NULL").fetchone()[0]
+        self._deletions = 0
+        self._delete_guard = (live_total, force)
         cursor_key, since_key = f"pull_cursor|{self.scope}", f"pull_since|{self.scope}"
         cursor = self.store.state(cursor_key)
         since = self.store.state(since_key)
@@ -1954,6 +1983,8 @@ class SyncEngine:
                 offset += step
         else:  # pragma: no cover - needs a server that pages forever
             raise ServerError("The server's pull paging never ended; stopping (nothing was lost)")
+        if dry_run and is_mass_delete(self._deletions, live_total):
+            report.warnings.append(_mass_delete_message("on this device", self._deletions, live_total))
         if not dry_run:
             if first_timestamp:
                 self.store.set_state(since_key, normalize_ts(first_timestamp))
@@ -2014,6 +2045,8 @@ class SyncEngine:
                     if verdict in (APPLY_SKIP, APPLY_KEEP_LOCAL):
                         continue
                     if dry_run:
+                        if kind == "memory" and cloud.deleted_at and local is not None and not local.deleted_at:
+                            self._deletions += 1
                         if len(report.plan) < PLAN_LIMIT:
                             report.plan.append({"op": verdict, "kind": kind, "id": cloud.id,
                                                 "deleted": cloud.deleted_at is not None})
@@ -2036,6 +2069,13 @@ class SyncEngine:
                         report.conflicts.append((cloud.id, copy_id))
                         if kind == "memory":
                             upserted.append(copy_id)
+                    if kind == "memory" and cloud.deleted_at and local is not None and not local.deleted_at:
+                        self._deletions += 1
+                        live_total, force = self._delete_guard
+                        if is_mass_delete(self._deletions, live_total) and not force:
+                            # Raised inside the page's transaction: this page is rolled back whole.
+                            raise MassDeleteError(_mass_delete_message("on this device", self._deletions,
+                                                                       live_total))
                     cloud.dirty, cloud.seq = False, 0
                     writes.append(cloud)
                     report.pulled[plural[kind]] += 1
