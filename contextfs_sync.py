@@ -1500,6 +1500,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e400: would be sent back as invalid JSON
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def _json_too_deep(value: Any, limit: int) -> bool:
     """Whether containers nest deeper than ``limit`` (iterative: no recursion on hostile input)."""
     stack = [(value, 1)]
@@ -1521,7 +1528,7 @@ def decode_json_body(raw: bytes) -> Any:
     if not text.strip():
         raise _HTTPError(422, [{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}])
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise _json_invalid(exc.pos, exc.msg) from None
     except ValueError as exc:  # NaN / Infinity
@@ -1605,10 +1612,13 @@ class _Schema:
             self.add("datetime_from_date_parsing", loc + (key,), "Input should be a valid datetime")
             return None
 
-    def str_list(self, obj: dict, key: str, loc: Tuple[Any, ...]) -> Optional[List[str]]:
-        """An optional list of strings."""
+    def str_list(self, obj: dict, key: str, loc: Tuple[Any, ...], max_items: int = 1000) -> Optional[List[str]]:
+        """An optional list of strings (bounded: each becomes an SQL parameter)."""
         value = self.field(obj, key, loc, "list")
         if value is None:
+            return None
+        if len(value) > max_items:
+            self.add("too_long", loc + (key,), f"List should have at most {max_items} items")
             return None
         for i, item in enumerate(value):
             if not isinstance(item, str):
@@ -2130,6 +2140,14 @@ class SyncServerApp:
             rows.sort()
             has_more = len(rows) > limit
             rows = rows[:limit]
+            # A page also stops at max_body bytes of rows (at least one row), so a client that
+            # can push a batch can pull it back and a page never grows without bound.
+            size = 0
+            for n, (_seq, _kind, body_json) in enumerate(rows):
+                size += len(body_json)
+                if n and size > self.max_body:
+                    rows, has_more = rows[:n], True
+                    break
             for _seq, kind, body_json in rows:
                 lists[kind].append(_wire_row(kind, body_json))
             next_cursor = str(rows[-1][0]) if rows else str(after)
@@ -2270,6 +2288,7 @@ def _make_handler(app: SyncServerApp) -> type:
         server_version = f"contextfs-sync/{__version__}"
         sys_version = ""
         timeout = 60  # idle keep-alive connections and slow senders release their thread
+        disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms ACK stall
 
         def version_string(self) -> str:
             return self.server_version
