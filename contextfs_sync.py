@@ -2169,6 +2169,1040 @@ def cloud_check(home: Optional[Path] = None) -> dict:
 
 
 # ---- 11. reference server ----------------------------------------------------------------
+# A small self-hostable sync server: stdlib ThreadingHTTPServer + one SQLite file (server.db).
+# Isolation: every entity row is keyed by (user_id, id) — edges by (user_id, from_id, to_id,
+# relation) — so two users can hold the same id and neither can read or touch the other's row.
+# Ordering: every row write takes the next value of one server-wide sequence inside its write
+# transaction. SQLite serialises writers, so a reader can never see seq N+1 committed while N
+# is still invisible: `seq > cursor` paging neither skips nor repeats rows.
+
+SERVER_DB_NAME = "server.db"
+SERVER_MAX_BODY = 32 * 1024 * 1024
+SERVER_MAX_JSON_DEPTH = 64
+SERVER_PULL_LIMIT_MAX = 5000
+LOGIN_MAX_FAILURES = 5
+LOGIN_WINDOW_SECONDS = 60
+ENV_SERVER_LOG = "CONTEXTFS_SERVER_LOG"
+_SCRYPT_PARAMS = {"n": 2 ** 14, "r": 8, "p": 1, "dklen": 32}
+_KEY_USED_GRANULARITY_S = 10  # last_used_at is refreshed at most this often (no write per read)
+
+_SERVER_SCHEMA = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters VALUES ('seq', 0);
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, name TEXT, password_hash TEXT,
+    password_salt TEXT, e2ee_salt TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY, user_id TEXT NOT NULL REFERENCES users (id), name TEXT,
+    key_hash TEXT NOT NULL UNIQUE, key_prefix TEXT NOT NULL, is_active INTEGER NOT NULL DEFAULT 1,
+    created_at TEXT NOT NULL, last_used_at TEXT);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, device_name TEXT, platform TEXT,
+    client_version TEXT, registered_at TEXT NOT NULL, last_sync_at TEXT, sync_cursor TEXT,
+    served_seq INTEGER);
+CREATE TABLE IF NOT EXISTS memories (
+    user_id TEXT NOT NULL, id TEXT NOT NULL, namespace_id TEXT, content_hash TEXT,
+    updated_at TEXT, deleted_at TEXT, vector_clock TEXT NOT NULL, last_modified_by TEXT,
+    received_at TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (user_id, id));
+CREATE TABLE IF NOT EXISTS sessions (
+    user_id TEXT NOT NULL, id TEXT NOT NULL, namespace_id TEXT, content_hash TEXT,
+    updated_at TEXT, deleted_at TEXT, vector_clock TEXT NOT NULL, last_modified_by TEXT,
+    received_at TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (user_id, id));
+CREATE TABLE IF NOT EXISTS edges (
+    user_id TEXT NOT NULL, from_id TEXT NOT NULL, to_id TEXT NOT NULL, relation TEXT NOT NULL,
+    id TEXT NOT NULL, namespace_id TEXT, content_hash TEXT, updated_at TEXT, deleted_at TEXT,
+    vector_clock TEXT NOT NULL, last_modified_by TEXT, received_at TEXT NOT NULL,
+    seq INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (user_id, from_id, to_id, relation));
+CREATE INDEX IF NOT EXISTS memories_user_seq ON memories (user_id, seq);
+CREATE INDEX IF NOT EXISTS sessions_user_seq ON sessions (user_id, seq);
+CREATE INDEX IF NOT EXISTS edges_user_seq ON edges (user_id, seq);
+PRAGMA user_version = 1;
+COMMIT;
+"""
+
+# kind -> (table, key columns, wire list name)
+_SERVER_KINDS = {
+    "memory": ("memories", ("id",), "memories"),
+    "session": ("sessions", ("id",), "sessions"),
+    "edge": ("edges", ("from_id", "to_id", "relation"), "edges"),
+}
+# Optional string fields per entity (wrong types are 422, like the anchor's pydantic models).
+_SERVER_STRING_FIELDS = {
+    "memory": ("type", "summary", "namespace_id", "source_repo", "source_file", "source_tool",
+               "project", "session_id", "repo_url", "repo_name", "relative_path", "visibility",
+               "content_hash", "last_modified_by"),
+    "session": ("label", "namespace_id", "tool", "repo_url", "repo_name", "repo_path", "branch",
+                "summary", "content_hash", "last_modified_by"),
+    "edge": ("id", "created_by", "content_hash", "last_modified_by"),
+}
+_SERVER_TS_FIELDS = {
+    "memory": ("created_at", "updated_at", "deleted_at"),
+    "session": ("created_at", "updated_at", "deleted_at", "started_at", "ended_at"),
+    "edge": ("created_at", "updated_at", "deleted_at"),
+}
+# Never stored from a client: ownership is the authenticated user, embeddings never travel.
+_SERVER_DROPPED_FIELDS = ("embedding", "user_id", "team_id", "seq")
+
+
+class _HTTPError(Exception):
+    """An HTTP error answer: status, FastAPI-style ``detail`` and extra headers."""
+
+    def __init__(self, status: int, detail: Any, headers: Optional[Dict[str, str]] = None):
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def _unauthorized() -> _HTTPError:
+    return _HTTPError(401, "Invalid or missing API key", {"WWW-Authenticate": "ApiKey"})
+
+
+def _json_invalid(position: int, error: str) -> _HTTPError:
+    return _HTTPError(422, [{"type": "json_invalid", "loc": ["body", position], "msg": "JSON decode error",
+                             "input": {}, "ctx": {"error": error}}])
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e400: would be sent back as invalid JSON
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _json_too_deep(value: Any, limit: int) -> bool:
+    """Whether containers nest deeper than ``limit`` (iterative: no recursion on hostile input)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def decode_json_body(raw: bytes) -> Any:
+    """Decode a request body as strict UTF-8 JSON, or raise the anchor's 422 ``json_invalid``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _json_invalid(exc.start, "Invalid UTF-8") from None
+    if not text.strip():
+        raise _HTTPError(422, [{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}])
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise _json_invalid(exc.pos, exc.msg) from None
+    except ValueError as exc:  # NaN / Infinity
+        raise _json_invalid(0, str(exc)) from None
+    except RecursionError:
+        raise _json_invalid(0, "JSON nested too deeply") from None
+    if isinstance(value, (dict, list)) and _json_too_deep(value, SERVER_MAX_JSON_DEPTH):
+        raise _json_invalid(0, f"JSON nested deeper than {SERVER_MAX_JSON_DEPTH} levels")
+    try:  # lone surrogates (\ud800) decode fine but cannot be stored or sent back
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _json_invalid(0, f"invalid unicode escape ({exc.reason})") from None
+    return value
+
+
+_TYPE_CHECKS: Dict[str, Tuple[Callable[[Any], bool], str, str]] = {
+    "str": (lambda v: isinstance(v, str), "string_type", "Input should be a valid string"),
+    "list": (lambda v: isinstance(v, list), "list_type", "Input should be a valid list"),
+    "dict": (lambda v: isinstance(v, dict), "dict_type", "Input should be a valid dictionary"),
+    "bool": (lambda v: isinstance(v, bool), "bool_type", "Input should be a valid boolean"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "int_type",
+            "Input should be a valid integer"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "float_type",
+               "Input should be a valid number"),
+}
+
+
+class _Schema:
+    """Checks a request body and collects FastAPI-style 422 entries ``{type, loc, msg}``."""
+
+    MAX_ERRORS = 50
+
+    def __init__(self) -> None:
+        self.errors: List[dict] = []
+
+    def add(self, kind: str, loc: Tuple[Any, ...], msg: str) -> None:
+        """Record one validation error."""
+        if len(self.errors) < self.MAX_ERRORS:
+            self.errors.append({"type": kind, "loc": list(loc), "msg": msg})
+
+    def raise_if_any(self) -> None:
+        """Raise 422 with every collected error."""
+        if self.errors:
+            raise _HTTPError(422, self.errors)
+
+    def field(self, obj: dict, key: str, loc: Tuple[Any, ...], kind: str, required: bool = False,
+              nullable: bool = True, default: Any = None) -> Any:
+        """``obj[key]`` checked against ``kind``; ``default`` when absent (or null, if nullable)."""
+        if key not in obj:
+            if required:
+                self.add("missing", loc + (key,), "Field required")
+            return default
+        value = obj[key]
+        if value is None and nullable and not required:
+            return default
+        check, error_type, msg = _TYPE_CHECKS[kind]
+        if not check(value):
+            self.add(error_type, loc + (key,), msg)
+            return default
+        return value
+
+    def ident(self, obj: dict, key: str, loc: Tuple[Any, ...], required: bool = True) -> Optional[str]:
+        """A required, non-empty id string without NUL characters."""
+        value = self.field(obj, key, loc, "str", required=required)
+        if value is None:
+            return None
+        if value == "":
+            self.add("string_too_short", loc + (key,), "String should have at least 1 character")
+            return None
+        if "\x00" in value:
+            self.add("string_pattern_mismatch", loc + (key,), "String should not contain NUL characters")
+            return None
+        return value
+
+    def timestamp(self, obj: dict, key: str, loc: Tuple[Any, ...]) -> Optional[str]:
+        """An optional ISO-8601 timestamp, normalised to UTC ``Z``."""
+        value = self.field(obj, key, loc, "str")
+        try:
+            return normalize_ts(value)
+        except (ValueError, OverflowError):
+            self.add("datetime_from_date_parsing", loc + (key,), "Input should be a valid datetime")
+            return None
+
+    def str_list(self, obj: dict, key: str, loc: Tuple[Any, ...], max_items: int = 1000) -> Optional[List[str]]:
+        """An optional list of strings (bounded: each becomes an SQL parameter)."""
+        value = self.field(obj, key, loc, "list")
+        if value is None:
+            return None
+        if len(value) > max_items:
+            self.add("too_long", loc + (key,), f"List should have at most {max_items} items")
+            return None
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.add("string_type", loc + (key, i), "Input should be a valid string")
+        return value
+
+    def obj(self, value: Any, loc: Tuple[Any, ...]) -> bool:
+        """Whether a list item is an object (records the error if not)."""
+        if isinstance(value, dict):
+            return True
+        self.add("model_attributes_type", loc,
+                 "Input should be a valid dictionary or object to extract fields from")
+        return False
+
+
+def _check_entity(schema: _Schema, kind: str, obj: Any, loc: Tuple[Any, ...]) -> bool:
+    """Validate one pushed memory/session/edge; True when it is usable."""
+    before = len(schema.errors)
+    if not schema.obj(obj, loc):
+        return False
+    if kind == "edge":
+        for key in ("from_id", "to_id", "relation"):
+            schema.ident(obj, key, loc)
+    else:
+        schema.ident(obj, "id", loc)
+    if kind == "memory":
+        schema.field(obj, "content", loc, "str", required=True)
+        schema.field(obj, "encrypted", loc, "bool")
+        tags = schema.field(obj, "tags", loc, "list")
+        for i, tag in enumerate(tags or []):
+            if not isinstance(tag, str):
+                schema.add("string_type", loc + ("tags", i), "Input should be a valid string")
+    if kind == "edge":
+        schema.field(obj, "weight", loc, "number")
+    for key in _SERVER_STRING_FIELDS[kind]:
+        schema.field(obj, key, loc, "str")
+    for key in _SERVER_TS_FIELDS[kind]:
+        schema.timestamp(obj, key, loc)
+    schema.field(obj, "metadata", loc, "dict")
+    clock = schema.field(obj, "vector_clock", loc, "dict")
+    for device, count in (clock or {}).items():
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            schema.add("int_type", loc + ("vector_clock", device), "Input should be a non-negative integer")
+    return len(schema.errors) == before
+
+
+def _server_entity(kind: str, obj: dict) -> Tuple[Tuple[str, ...], dict, Clock]:
+    """(key, stored JSON object, incoming clock) for a validated entity.
+
+    The whole object is kept (metadata, encrypted, unknown keys) with its standard fields
+    normalised by the data model; the data-model helpers raise ValueError on bad input.
+    """
+    body = {k: v for k, v in obj.items() if k not in _SERVER_DROPPED_FIELDS}
+    if kind == "memory":
+        mem = Memory.from_wire(obj)
+        body.update(id=mem.id, content=mem.content, type=mem.type, tags=mem.tags,
+                    namespace_id=mem.namespace_id, metadata=mem.metadata, encrypted=mem.encrypted,
+                    created_at=mem.created_at, updated_at=mem.updated_at, deleted_at=mem.deleted_at,
+                    content_hash=mem.content_hash or None)
+        return (mem.id,), body, mem.vector_clock
+    if kind == "session":
+        ses = Session.from_wire(obj)
+        body.update(id=ses.id, tool=ses.tool, namespace_id=str(obj.get("namespace_id") or "global"),
+                    metadata=ses.metadata, started_at=ses.started_at, ended_at=ses.ended_at,
+                    created_at=normalize_ts(obj.get("created_at")) or ses.started_at,
+                    updated_at=ses.updated_at, deleted_at=ses.deleted_at, content_hash=None)
+        return (ses.id,), body, ses.vector_clock
+    edge = Edge.from_wire(obj)
+    body.update(id=edge.id, from_id=edge.from_id, to_id=edge.to_id, relation=edge.relation,
+                weight=edge.weight, metadata=edge.metadata, created_at=edge.created_at,
+                updated_at=edge.updated_at, deleted_at=edge.deleted_at, content_hash=None)
+    return (edge.from_id, edge.to_id, edge.relation), body, edge.vector_clock
+
+
+def _wire_row(kind: str, body_json: str) -> dict:
+    """A stored row as sent to clients (memories always carry ``"embedding": null``)."""
+    obj = json.loads(body_json)
+    if kind == "memory":
+        obj["embedding"] = None
+    return obj
+
+
+def _server_connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+class _ServerTx:
+    """``with _ServerTx(conn, immediate):`` — BEGIN [IMMEDIATE] … COMMIT, ROLLBACK on error."""
+
+    def __init__(self, conn: sqlite3.Connection, immediate: bool):
+        self.conn = conn
+        self.immediate = immediate
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+        return self.conn
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
+        if kind is None:
+            try:
+                self.conn.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                self.conn.execute("ROLLBACK")
+                raise
+        self.conn.execute("ROLLBACK")
+
+
+def server_init_db(data_dir: Path) -> Path:
+    """Create the data dir (0700) and the server database if needed; return the db path."""
+    data_dir = Path(data_dir).expanduser()
+    try:
+        if not data_dir.exists():
+            data_dir.mkdir(parents=True, mode=0o700)
+            os.chmod(data_dir, 0o700)
+        path = data_dir / SERVER_DB_NAME
+        fresh = not path.exists()
+        conn = _server_connect(path)
+    except (OSError, sqlite3.Error) as exc:
+        raise ServerError(f"{data_dir}: cannot use the server data directory ({exc}); "
+                          f"check its permissions or pass another --data DIR") from None
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > 1:
+            raise ServerError(f"{path} was written by a newer contextfs-sync (schema {version}); upgrade")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(_SERVER_SCHEMA)
+        if fresh:
+            os.chmod(path, 0o600)
+    except sqlite3.DatabaseError as exc:
+        raise ServerError(f"{path}: not a usable server database ({exc})") from None
+    finally:
+        conn.close()
+    return path
+
+
+def _b64url_token(nbytes: int = 32) -> str:
+    import base64
+    import secrets
+
+    return base64.urlsafe_b64encode(secrets.token_bytes(nbytes)).rstrip(b"=").decode("ascii")
+
+
+def _key_hash(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _hash_password(password: str, salt_hex: Optional[str] = None) -> Tuple[str, str]:
+    """(scrypt hash hex, salt hex) with n=2**14, r=8, p=1."""
+    import hashlib
+    import secrets
+
+    salt = bytes.fromhex(salt_hex) if salt_hex else secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=salt, **_SCRYPT_PARAMS)
+    return digest.hex(), salt.hex()
+
+
+def _server_create_key(conn: sqlite3.Connection, user_id: str, name: str) -> str:
+    """Create and store a new API key (only its SHA-256 is kept); returns the key."""
+    import uuid
+
+    key = "ctxfs_" + _b64url_token(32)
+    conn.execute("INSERT INTO api_keys (id, user_id, name, key_hash, key_prefix, is_active, created_at) "
+                 "VALUES (?, ?, ?, ?, ?, 1, ?)",
+                 (str(uuid.uuid4()), user_id, name, _key_hash(key), key[6:14], utc_now()))
+    return key
+
+
+def _normalize_email(email: str) -> str:
+    email = (email or "").strip().lower()
+    if not re.fullmatch(r"[^@\s\x00]+@[^@\s\x00]+", email):
+        raise UsageError(f"Invalid email {email!r}: give an address like alice@example.com")
+    return email
+
+
+def server_add_user(data_dir: Path, email: str, password: Optional[str] = None,
+                    name: Optional[str] = None) -> str:
+    """Create a user on the reference server and return its first API key (shown once)."""
+    import uuid
+
+    email = _normalize_email(email)
+    if password is not None and password == "":
+        raise UsageError("The password is empty; give a non-empty password (or none: API keys only)")
+    path = server_init_db(Path(data_dir))
+    pw_hash, pw_salt = _hash_password(password) if password is not None else (None, None)
+    conn = _server_connect(path)
+    try:
+        with _ServerTx(conn, immediate=True):
+            if conn.execute("SELECT 1 FROM users WHERE email = ?", (email,)).fetchone():
+                raise ContextFSError(f"User {email} already exists in {path}; "
+                                     f"choose another email (or log in with its password)")
+            user_id = str(uuid.uuid4())
+            conn.execute("INSERT INTO users (id, email, name, password_hash, password_salt, e2ee_salt, "
+                         "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (user_id, email, name, pw_hash, pw_salt, _b64url_token(32), utc_now()))
+            return _server_create_key(conn, user_id, "Initial Key")
+    finally:
+        conn.close()
+
+
+class _LoginLimiter:
+    """Slows password guessing: more than N failures per email or client IP in a window → 429."""
+
+    def __init__(self, max_failures: int = LOGIN_MAX_FAILURES, window: float = LOGIN_WINDOW_SECONDS):
+        self.max_failures = max_failures
+        self.window = window
+        self._lock = threading.Lock()
+        self._failures: Dict[str, List[float]] = {}
+
+    def attempt(self, keys: List[str]) -> float:
+        """Reserve an attempt (counted as a failure until :meth:`succeeded`) or raise 429."""
+        import math
+
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failures) > 10_000:  # keep memory bounded under a spray of emails
+                self._failures = {k: v for k, v in self._failures.items() if v and v[-1] > now - self.window}
+            wait = 0.0
+            for key in keys:
+                recent = [t for t in self._failures.get(key, []) if t > now - self.window]
+                self._failures[key] = recent
+                if len(recent) >= self.max_failures:
+                    wait = max(wait, recent[0] + self.window - now)
+            if wait > 0:
+                raise _HTTPError(429, "Too many login attempts; retry later",
+                                 {"Retry-After": str(max(1, math.ceil(wait)))})
+            for key in keys:
+                self._failures[key].append(now)
+            return now
+
+    def succeeded(self, keys: List[str], token: float) -> None:
+        """Forget the reserved attempt: a successful login is not a failure."""
+        with self._lock:
+            for key in keys:
+                with _suppress(ValueError):
+                    self._failures.get(key, []).remove(token)
+
+
+class SyncServerApp:
+    """The reference server's endpoints, independent of the HTTP plumbing."""
+
+    def __init__(self, data_dir: Path, max_body: int = SERVER_MAX_BODY):
+        self.data_dir = Path(data_dir).expanduser()
+        self.db_path = server_init_db(self.data_dir)
+        self.max_body = max_body
+        self.limiter = _LoginLimiter()
+        self._local = threading.local()
+        # path -> method -> (handler, needs auth, has JSON body)
+        self.routes: Dict[str, Dict[str, Tuple[Callable[..., dict], bool, bool]]] = {
+            "/health": {"GET": (self.health, False, False)},
+            "/api/auth/login": {"POST": (self.login, False, True)},
+            "/api/auth/me": {"GET": (self.me, True, False)},
+            "/api/auth/encryption-salt": {"GET": (self.encryption_salt, True, False)},
+            "/api/billing/subscription": {"GET": (self.subscription, True, False)},
+            "/api/sync/register": {"POST": (self.register, True, True)},
+            "/api/sync/push": {"POST": (self.push, True, True)},
+            "/api/sync/pull": {"POST": (self.pull, True, True)},
+            "/api/sync/diff": {"POST": (self.diff, True, True)},
+            "/api/sync/status": {"POST": (self.status, True, True)},
+        }
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def conn(self) -> sqlite3.Connection:
+        """This thread's SQLite connection (sqlite3 connections must not be shared)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = _server_connect(self.db_path)
+        return conn
+
+    def route(self, method: str, path: str) -> Tuple[Callable[..., dict], bool, bool]:
+        """The endpoint for a request, or raise 404/405."""
+        methods = self.routes.get(path)
+        if methods is None:
+            raise _HTTPError(404, "Not Found")
+        if method not in methods:
+            raise _HTTPError(405, "Method Not Allowed", {"Allow": ", ".join(sorted(methods))})
+        return methods[method]
+
+    def call(self, endpoint: Tuple[Callable[..., dict], bool, bool], raw: Optional[bytes],
+             headers: Any, client_ip: str) -> dict:
+        """Run an endpoint in the anchor's check order: JSON syntax, then auth, then schema."""
+        handler, needs_auth, has_body = endpoint
+        body = decode_json_body(raw or b"") if has_body else None
+        conn = self.conn()
+        user = self.authenticate(conn, headers.get("X-API-Key")) if needs_auth else None
+        if has_body and not isinstance(body, dict):
+            raise _HTTPError(422, [{"type": "model_attributes_type", "loc": ["body"],
+                                    "msg": "Input should be a valid dictionary or object to extract fields from"}])
+        return handler(conn, user, body, client_ip)
+
+    def authenticate(self, conn: sqlite3.Connection, key: Optional[str]) -> sqlite3.Row:
+        """The user owning an active API key, or raise 401."""
+        import hmac
+
+        key = (key or "").strip()
+        if not key.startswith("ctxfs_") or len(key) > 256:
+            raise _unauthorized()
+        digest = _key_hash(key)
+        row = conn.execute(
+            "SELECT k.id AS key_id, k.key_hash, k.last_used_at, u.id, u.email, u.name, u.e2ee_salt "
+            "FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = ? AND k.is_active = 1",
+            (digest,)).fetchone()
+        if row is None or not hmac.compare_digest(row["key_hash"], digest):
+            raise _unauthorized()
+        now = datetime.now(timezone.utc)
+        last = parse_ts(row["last_used_at"]) if row["last_used_at"] else None
+        if last is None or (now - last).total_seconds() >= _KEY_USED_GRANULARITY_S:
+            conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (format_ts(now), row["key_id"]))
+        return row
+
+    @staticmethod
+    def _next_seq(conn: sqlite3.Connection) -> int:
+        conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'seq'")
+        return conn.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+
+    @staticmethod
+    def _claim_device(conn: sqlite3.Connection, user_id: str, device_id: str, now: str) -> None:
+        """Auto-register an unknown device for this user; a device of another user is 403."""
+        row = conn.execute("SELECT user_id FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        if row is None:
+            conn.execute("INSERT INTO devices (device_id, user_id, device_name, registered_at, last_sync_at) "
+                         "VALUES (?, ?, ?, ?, ?)", (device_id, user_id, device_id, now, now))
+        elif row["user_id"] != user_id:
+            raise _HTTPError(403, "Device id belongs to another account")
+        else:
+            conn.execute("UPDATE devices SET last_sync_at = ? WHERE device_id = ?", (now, device_id))
+
+    # -- auth and misc endpoints -----------------------------------------------------------
+
+    def health(self, conn: sqlite3.Connection, user: Any, body: Any, ip: str) -> dict:
+        """GET /health"""
+        return {"status": "healthy", "service": "contextfs-sync", "timestamp": utc_now()}
+
+    def login(self, conn: sqlite3.Connection, user: Any, body: dict, ip: str) -> dict:
+        """POST /api/auth/login: email + password → a new API key (rate limited)."""
+        import hmac
+
+        schema = _Schema()
+        email = schema.field(body, "email", ("body",), "str", required=True)
+        password = schema.field(body, "password", ("body",), "str", required=True)
+        session_type = schema.field(body, "session_type", ("body",), "str", default="Web Session")
+        schema.raise_if_any()
+        email = email.strip().lower()
+        keys = [f"email:{email}", f"ip:{ip}"]
+        token = self.limiter.attempt(keys)
+        row = conn.execute("SELECT * FROM users WHERE email = ?", (email,)).fetchone()
+        if row is not None and row["password_hash"]:
+            ok = hmac.compare_digest(_hash_password(password, row["password_salt"])[0], row["password_hash"])
+        else:
+            _hash_password(password, "00" * 16)  # same cost whether or not the user exists
+            ok = False
+        if not ok:
+            raise _HTTPError(401, "Invalid email or password")
+        self.limiter.succeeded(keys, token)
+        with _ServerTx(conn, immediate=True):
+            key = _server_create_key(conn, row["id"], session_type[:100] or "Web Session")
+        return {"user": {"id": row["id"], "email": row["email"], "name": row["name"], "emailVerified": True,
+                         "createdAt": None, "is_admin": False},
+                "apiKey": key, "encryptionKey": None}
+
+    def me(self, conn: sqlite3.Connection, user: sqlite3.Row, body: Any, ip: str) -> dict:
+        """GET /api/auth/me"""
+        return {"id": user["id"], "email": user["email"], "name": user["name"], "provider": "password",
+                "is_admin": False}
+
+    def encryption_salt(self, conn: sqlite3.Connection, user: sqlite3.Row, body: Any, ip: str) -> dict:
+        """GET /api/auth/encryption-salt: one salt per user, so all their devices derive one key."""
+        return {"salt": user["e2ee_salt"]}
+
+    def subscription(self, conn: sqlite3.Connection, user: sqlite3.Row, body: Any, ip: str) -> dict:
+        """GET /api/billing/subscription: a self-hosted server has no limits."""
+        return {"tier": "self-hosted", "status": "active", "device_limit": -1, "memory_limit": -1,
+                "current_period_end": None}
+
+    # -- sync endpoints --------------------------------------------------------------------
+
+    def register(self, conn: sqlite3.Connection, user: sqlite3.Row, body: dict, ip: str) -> dict:
+        """POST /api/sync/register → DeviceInfo. A device id is never reassigned to another user."""
+        schema = _Schema()
+        device_id = schema.ident(body, "device_id", ("body",))
+        fields = {k: schema.field(body, k, ("body",), "str", required=True)
+                  for k in ("device_name", "platform", "client_version")}
+        schema.raise_if_any()
+        now = utc_now()
+        with _ServerTx(conn, immediate=True):
+            self._claim_device(conn, user["id"], device_id, now)
+            conn.execute("UPDATE devices SET device_name = ?, platform = ?, client_version = ? "
+                         "WHERE device_id = ?", (fields["device_name"], fields["platform"],
+                                                 fields["client_version"], device_id))
+            row = conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        return {"device_id": row["device_id"], "device_name": row["device_name"], "platform": row["platform"],
+                "client_version": row["client_version"], "registered_at": row["registered_at"],
+                "last_sync_at": row["last_sync_at"], "sync_cursor": row["sync_cursor"]}
+
+    def push(self, conn: sqlite3.Connection, user: sqlite3.Row, body: dict, ip: str) -> dict:
+        """POST /api/sync/push: apply items by the clock rule, all in one transaction."""
+        server_timestamp = utc_now()
+        schema = _Schema()
+        device_id = schema.ident(body, "device_id", ("body",))
+        force = schema.field(body, "force", ("body",), "bool", default=False)
+        items: List[Tuple[str, Tuple[str, ...], dict, Clock]] = []
+        for kind, (_table, _key, plural) in _SERVER_KINDS.items():
+            entries = schema.field(body, plural, ("body",), "list", nullable=False, default=[])
+            for i, obj in enumerate(entries or []):
+                if not _check_entity(schema, kind, obj, ("body", plural, i)):
+                    continue
+                try:
+                    items.append((kind,) + _server_entity(kind, obj))
+                except ValueError as exc:
+                    schema.add("value_error", ("body", plural, i), f"Value error, {exc}")
+        schema.raise_if_any()  # nothing is written unless the whole request is valid
+
+        counts = {"accepted": 0, "rejected": 0, "accepted_memories": 0, "rejected_memories": 0,
+                  "accepted_sessions": 0, "rejected_sessions": 0}
+        conflicts: List[dict] = []
+        results: List[dict] = []
+        with _ServerTx(conn, immediate=True):
+            self._claim_device(conn, user["id"], device_id, server_timestamp)
+            received_at = utc_now()  # taken under the write lock: see pull's anchor mode
+            for kind, key, entity, clock in items:
+                verdict, stored, conflict = self._apply(conn, user["id"], kind, key, entity, clock,
+                                                        bool(force), device_id, received_at)
+                if verdict == "conflict":
+                    conflicts.append(conflict)
+                else:
+                    counts[verdict] += 1
+                    if kind != "edge":
+                        counts[f"{verdict}_{_SERVER_KINDS[kind][2]}"] += 1
+                results.append({"entity_type": kind, "id": entity["id"], "status": verdict,
+                                "vector_clock": stored})
+        status = "conflict" if conflicts else ("partial" if counts["rejected"] else "success")
+        return dict(success=not conflicts, status=status, **counts, conflicts=conflicts,
+                    server_timestamp=server_timestamp, message=None, pushed_items=[], results=results)
+
+    def _apply(self, conn: sqlite3.Connection, user_id: str, kind: str, key: Tuple[str, ...],
+               entity: dict, clock: Clock, force: bool, device_id: str,
+               received_at: str) -> Tuple[str, Clock, Optional[dict]]:
+        """The server's clock rule for one item: (verdict, stored clock, conflict entry)."""
+        table, key_columns, _plural = _SERVER_KINDS[kind]
+        where = " AND ".join(f"{c} = ?" for c in key_columns)
+        row = conn.execute(f"SELECT vector_clock, body FROM {table} WHERE user_id = ? AND {where}",
+                           (user_id,) + key).fetchone()
+        if row is None:
+            stored = clock  # no server tick on insert (protocol.md gap 15)
+        else:
+            server_clock = json.loads(row["vector_clock"])
+            order = clock_compare(server_clock, clock)
+            if order == "after" and not force:
+                return "rejected", server_clock, None
+            if order == "concurrent" and not force:
+                server_obj = json.loads(row["body"])
+                field_name = {"memory": "content", "session": "summary"}.get(kind)
+                return "conflict", server_clock, {
+                    "entity_id": entity["id"], "entity_type": kind, "client_clock": clock,
+                    "server_clock": server_clock,
+                    "client_content": entity.get(field_name) if field_name else None,
+                    "server_content": server_obj.get(field_name) if field_name else None,
+                    "client_updated_at": entity.get("updated_at"),
+                    "server_updated_at": server_obj.get("updated_at")}
+            stored = clock_merge(clock, server_clock)
+        entity = dict(entity, vector_clock=stored, last_modified_by=device_id)
+        values = dict(zip(key_columns, key))
+        values.update(user_id=user_id, id=entity["id"], namespace_id=entity.get("namespace_id"),
+                      content_hash=entity.get("content_hash"), updated_at=entity.get("updated_at"),
+                      deleted_at=entity.get("deleted_at"), vector_clock=_dumps(stored),
+                      last_modified_by=device_id, received_at=received_at, seq=self._next_seq(conn),
+                      body=_dumps(entity))
+        conn.execute(f"INSERT OR REPLACE INTO {table} ({', '.join(values)}) "
+                     f"VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
+        return "accepted", stored, None
+
+    @staticmethod
+    def _namespace_filter(kind: str, namespaces: Optional[List[str]]) -> Tuple[str, List[Any]]:
+        if not namespaces or kind == "edge":  # like the anchor: edges are never namespace-filtered
+            return "", []
+        return f" AND namespace_id IN ({', '.join('?' * len(namespaces))})", list(namespaces)
+
+    def pull(self, conn: sqlite3.Connection, user: sqlite3.Row, body: dict, ip: str) -> dict:
+        """POST /api/sync/pull: by server sequence (``cursor``) or, for anchor clients, by time."""
+        server_timestamp = utc_now()
+        schema = _Schema()
+        device_id = schema.ident(body, "device_id", ("body",))
+        since = schema.timestamp(body, "since_timestamp", ("body",))
+        limit = schema.field(body, "limit", ("body",), "int", default=1000)
+        offset = schema.field(body, "offset", ("body",), "int", default=0)
+        namespaces = schema.str_list(body, "namespace_ids", ("body",))
+        cursor_mode = "cursor" in body  # our extension; anchor clients never send the key
+        after = 0
+        if body.get("cursor") is not None:
+            raw_cursor = body["cursor"]
+            text = str(raw_cursor) if isinstance(raw_cursor, (str, int)) and not isinstance(raw_cursor, bool) else ""
+            if re.fullmatch(r"\d{1,18}", text):
+                after = int(text)
+            else:
+                schema.add("value_error", ("body", "cursor"), "Value error, not a cursor returned by this server")
+        schema.raise_if_any()
+        limit = min(max(limit, 1), SERVER_PULL_LIMIT_MAX)
+        offset = min(max(offset, 0), 2 ** 62)
+        user_id = user["id"]
+        lists: Dict[str, List[dict]] = {"memory": [], "session": [], "edge": []}
+
+        if cursor_mode:
+            with _ServerTx(conn, immediate=True):
+                self._claim_device(conn, user_id, device_id, server_timestamp)
+            rows: List[Tuple[int, str, str]] = []
+            with _ServerTx(conn, immediate=False):  # one snapshot across the three tables
+                for kind, (table, _key, _plural) in _SERVER_KINDS.items():
+                    ns_sql, ns_args = self._namespace_filter(kind, namespaces)
+                    rows += [(r[0], kind, r[1]) for r in conn.execute(
+                        f"SELECT seq, body FROM {table} WHERE user_id = ? AND seq > ?{ns_sql} "
+                        f"ORDER BY seq LIMIT ?", [user_id, after] + ns_args + [limit + 1])]
+            rows.sort()
+            has_more = len(rows) > limit
+            rows = rows[:limit]
+            # A page also stops at max_body bytes of rows (at least one row), so a client that
+            # can push a batch can pull it back and a page never grows without bound.
+            size = 0
+            for n, (_seq, _kind, body_json) in enumerate(rows):
+                size += len(body_json)
+                if n and size > self.max_body:
+                    rows, has_more = rows[:n], True
+                    break
+            for _seq, kind, body_json in rows:
+                lists[kind].append(_wire_row(kind, body_json))
+            next_cursor = str(rows[-1][0]) if rows else str(after)
+            next_offset = 0
+            with _ServerTx(conn, immediate=True):
+                conn.execute("UPDATE devices SET served_seq = ?, sync_cursor = ? WHERE device_id = ? "
+                             "AND user_id = ?", (int(next_cursor), server_timestamp, device_id, user_id))
+        else:
+            # Anchor mode filters on the server's receive time, never on client clocks. The
+            # write lock makes the snapshot and server_timestamp agree: every later push stamps
+            # received_at after this moment, and 1 µs of slack means an equal stamp is re-sent,
+            # never skipped (protocol.md §8 bugs b-d).
+            top = 0
+            with _ServerTx(conn, immediate=True):
+                self._claim_device(conn, user_id, device_id, server_timestamp)
+                server_timestamp = format_ts(datetime.now(timezone.utc) - timedelta(microseconds=1))
+                has_more = False
+                for kind, (table, _key, _plural) in _SERVER_KINDS.items():
+                    ns_sql, ns_args = self._namespace_filter(kind, namespaces)
+                    since_sql = " AND received_at > ?" if since else ""
+                    page = conn.execute(
+                        f"SELECT seq, body FROM {table} WHERE user_id = ?{since_sql}{ns_sql} "
+                        f"ORDER BY seq LIMIT ? OFFSET ?",
+                        [user_id] + ([since] if since else []) + ns_args + [limit + 1, offset]).fetchall()
+                    has_more = has_more or len(page) > limit
+                    lists[kind] = [_wire_row(kind, r[1]) for r in page[:limit]]
+                    top = max([top] + [r[0] for r in page[:limit]])
+                conn.execute("UPDATE devices SET served_seq = max(coalesce(served_seq, 0), ?), "
+                             "sync_cursor = ? WHERE device_id = ?", (top, server_timestamp, device_id))
+            # Each list is paged on its own, so the next offset is the longest list's length
+            # (the anchor's sum of lengths skips rows: protocol.md §8 bug a).
+            next_offset = offset + max(len(v) for v in lists.values()) if has_more else 0
+            next_cursor = str(top)
+        return {"success": True, "memories": lists["memory"], "sessions": lists["session"],
+                "edges": lists["edge"], "server_timestamp": server_timestamp, "has_more": has_more,
+                "next_cursor": next_cursor, "next_offset": next_offset}
+
+    def diff(self, conn: sqlite3.Connection, user: sqlite3.Row, body: dict, ip: str) -> dict:
+        """POST /api/sync/diff: compare a client manifest with this user's rows (read-only).
+
+        Unlike the anchor, a manifest ``deleted_at`` never tombstones a server row here (its
+        rule 2): a manifest carries no clock, so a stale device could delete newer edits.
+        Deletes travel by push, where the clock rule applies.
+        """
+        server_timestamp = utc_now()
+        schema = _Schema()
+        schema.ident(body, "device_id", ("body",))
+        namespaces = schema.str_list(body, "namespace_ids", ("body",))
+        manifests: Dict[str, Dict[str, dict]] = {}
+        for kind, (_table, _key, plural) in _SERVER_KINDS.items():
+            manifests[kind] = {}
+            entries = schema.field(body, plural, ("body",), "list", nullable=False, default=[])
+            for i, entry in enumerate(entries or []):
+                loc = ("body", plural, i)
+                if not schema.obj(entry, loc):
+                    continue
+                entry_id = schema.ident(entry, "id", loc)
+                content = schema.field(entry, "content_hash", loc, "str")
+                schema.timestamp(entry, "updated_at", loc)
+                deleted = schema.timestamp(entry, "deleted_at", loc)
+                if entry_id is not None:
+                    manifests[kind][entry_id] = {"content_hash": content, "deleted_at": deleted}
+        schema.raise_if_any()
+
+        out: Dict[str, Any] = {"success": True}
+        totals = {"total_missing": 0, "total_updated": 0, "total_deleted": 0, "total_server_missing": 0}
+        with _ServerTx(conn, immediate=False):
+            for kind, (table, _key, plural) in _SERVER_KINDS.items():
+                manifest = manifests[kind]
+                missing: List[dict] = []
+                deleted: List[str] = []
+                known = set()
+                ns_sql, ns_args = self._namespace_filter(kind, namespaces)
+                for row in conn.execute(f"SELECT id, content_hash, deleted_at, body FROM {table} "
+                                        f"WHERE user_id = ?{ns_sql} ORDER BY seq", [user["id"]] + ns_args):
+                    known.add(row["id"])
+                    entry = manifest.get(row["id"])
+                    if row["deleted_at"]:
+                        if entry is not None:
+                            deleted.append(row["id"])  # rule 1
+                    elif entry is None:
+                        missing.append(_wire_row(kind, row["body"]))  # rule 3
+                    elif kind == "memory" and entry["content_hash"] is None:
+                        missing.append(_wire_row(kind, row["body"]))  # rule 3 (no hash)
+                    elif kind == "memory" and entry["content_hash"] != row["content_hash"]:
+                        missing.append(_wire_row(kind, row["body"]))  # rule 4
+                        totals["total_updated"] += 1
+                server_missing = [i for i, e in manifest.items() if i not in known and not e["deleted_at"]]
+                out[f"missing_{plural}"] = missing
+                out[f"deleted_{kind}_ids"] = deleted
+                out[f"server_missing_{kind}_ids"] = server_missing  # rule 5
+                totals["total_missing"] += len(missing)
+                totals["total_deleted"] += len(deleted)
+                totals["total_server_missing"] += len(server_missing)
+        out.update(totals, server_timestamp=server_timestamp, has_more=False, next_offset=0)
+        return out
+
+    def status(self, conn: sqlite3.Connection, user: sqlite3.Row, body: dict, ip: str) -> dict:
+        """POST /api/sync/status: this device's sync state and this user's row counts."""
+        schema = _Schema()
+        device_id = schema.ident(body, "device_id", ("body",))
+        schema.raise_if_any()
+        server_timestamp = utc_now()
+        with _ServerTx(conn, immediate=False):
+            device = conn.execute("SELECT * FROM devices WHERE device_id = ? AND user_id = ?",
+                                  (device_id, user["id"])).fetchone()
+            if device is None:
+                raise _HTTPError(404, "Device not registered")
+            served = device["served_seq"] or 0
+            pending = 0
+            counts: Dict[str, int] = {}
+            for kind, (table, _key, _plural) in _SERVER_KINDS.items():
+                row = conn.execute(
+                    f"SELECT count(*) FILTER (WHERE seq > ?), count(*) FILTER (WHERE deleted_at IS NULL), "
+                    f"count(*) FILTER (WHERE deleted_at IS NOT NULL) FROM {table} WHERE user_id = ?",
+                    (served, user["id"])).fetchone()
+                pending += row[0]
+                counts[kind] = row[1]
+                if kind == "memory":
+                    counts["deleted_memory"] = row[2]
+        return {"device_id": device_id, "last_sync_at": device["last_sync_at"], "pending_push_count": 0,
+                "pending_pull_count": pending, "server_timestamp": server_timestamp,
+                "memory_count": counts["memory"], "session_count": counts["session"],
+                "edge_count": counts["edge"], "deleted_memory_count": counts["deleted_memory"]}
+
+
+def _server_log_enabled() -> bool:
+    return os.environ.get(ENV_SERVER_LOG, "") not in ("", "0")
+
+
+def _make_handler(app: SyncServerApp) -> type:
+    """The request handler class, built here so importing the module skips http.server."""
+    import http.server
+    import traceback
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = f"contextfs-sync/{__version__}"
+        sys_version = ""
+        timeout = 60  # idle keep-alive connections and slow senders release their thread
+        disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms ACK stall
+
+        def version_string(self) -> str:
+            return self.server_version
+
+        def do_GET(self) -> None:
+            self._body_read = False
+            self._linger = False
+            status, payload, headers = self._handle()
+            if not self._body_read and self._declares_body():
+                self.close_connection = True  # an unread body would corrupt the next request
+            self._respond(status, payload, headers)
+            if self._linger:
+                self._linger_close()
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
+
+        def _handle(self) -> Tuple[int, Any, Dict[str, str]]:
+            from urllib.parse import urlsplit
+
+            try:
+                endpoint = app.route(self.command, urlsplit(self.path).path)
+                raw = self._read_body() if endpoint[2] else None
+                return 200, app.call(endpoint, raw, self.headers, self.client_address[0]), {}
+            except _HTTPError as exc:
+                return exc.status, {"detail": exc.detail}, exc.headers
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    return 503, {"detail": "Server busy; retry"}, {"Retry-After": "1"}
+                traceback.print_exc(file=sys.stderr)
+                return 500, {"detail": "Internal Server Error"}, {}
+            except Exception:  # never a traceback to the client; the operator sees it on stderr
+                traceback.print_exc(file=sys.stderr)
+                return 500, {"detail": "Internal Server Error"}, {}
+
+        def _declares_body(self) -> bool:
+            length = (self.headers.get("Content-Length") or "0").strip()
+            return bool(self.headers.get("Transfer-Encoding")) or length != "0"
+
+        def _read_body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding"):
+                raise _HTTPError(411, "Length Required")  # chunked bodies are not supported
+            length = self.headers.get("Content-Length")
+            if length is None:
+                raise _HTTPError(411, "Length Required")
+            if not re.fullmatch(r"\s*\d{1,15}\s*", length):
+                raise _HTTPError(400, "Invalid Content-Length")
+            size = int(length)
+            if size > app.max_body:
+                self._linger = True  # answer without reading it all, then close
+                raise _HTTPError(413, "Request body too large")
+            data = self.rfile.read(size)
+            self._body_read = True
+            if len(data) < size:
+                self.close_connection = True
+                raise _HTTPError(400, "Incomplete request body")
+            return data
+
+        def _respond(self, status: int, payload: Any, headers: Dict[str, str]) -> None:
+            data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+
+        def _linger_close(self) -> None:
+            # Closing with unread data makes TCP send a reset that can destroy our 413 before the
+            # client reads it: half-close, then discard a bounded amount for a short while.
+            import socket
+
+            self.close_connection = True
+            deadline = time.monotonic() + 2.0
+            budget = 4 * 1024 * 1024
+            try:
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(0.5)
+                while budget > 0 and time.monotonic() < deadline:
+                    chunk = self.connection.recv(65536)
+                    if not chunk:
+                        break
+                    budget -= len(chunk)
+            except OSError:
+                pass
+
+        def handle_expect_100(self) -> bool:
+            length = (self.headers.get("Content-Length") or "").strip()
+            if length.isdigit() and int(length) > app.max_body:
+                self.close_connection = True
+                self._respond(413, {"detail": "Request body too large"}, {})
+                return False
+            return super().handle_expect_100()
+
+        def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+            # Errors raised by http.server itself (bad request line, huge headers): JSON too.
+            self.close_connection = True
+            short = self.responses.get(code, ("Error", ""))[0]
+            self._respond(code, {"detail": message or short}, {})
+
+        def log_message(self, format: str, *args: Any) -> None:
+            if _server_log_enabled():
+                sys.stderr.write(f"{self.address_string()} - [{self.log_date_time_string()}] {format % args}\n")
+
+    return Handler
+
+
+def make_server(data_dir: Path, host: str = "127.0.0.1", port: int = 0,
+                max_body: int = SERVER_MAX_BODY) -> Any:
+    """A ready-to-serve reference server (``.server_address``, ``.serve_forever()``, ``.shutdown()``)."""
+    import http.server
+    import socket
+    import socketserver
+
+    app = SyncServerApp(Path(data_dir), max_body=max_body)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def server_bind(self) -> None:
+            # HTTPServer.server_bind does a reverse DNS lookup (getfqdn); it can hang offline.
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = host, self.server_address[1]
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            kind = sys.exc_info()[0]
+            if kind is not None and issubclass(kind, (ConnectionError, TimeoutError)):
+                return  # a client went away: not worth a traceback
+            super().handle_error(request, client_address)
+
+    try:
+        server = Server((host, port), _make_handler(app))
+    except OSError as exc:
+        raise ServerError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                          f"is another server running there? Choose another --port") from None
+    server.app = app
+    return server
 
 
 # ---- 12. MCP stdio server ----------------------------------------------------------------
@@ -2708,8 +3742,78 @@ def _add_index_parsers(sub: Any, common: Any) -> None:
     """contextfs index … (issue 6)."""
 
 
+def _server_data_dir(arg: Optional[str]) -> Path:
+    """``--data DIR``, or ``$CONTEXTFS_HOME/server``."""
+    if arg:
+        return Path(arg).expanduser().resolve()
+    home = contextfs_home()
+    with _suppress(OSError):
+        ensure_home(home)
+    return (home / "server").resolve()
+
+
+def cmd_server_run(args: argparse.Namespace) -> int:
+    """contextfs server run [--host H] [--port P] [--data DIR] [--max-body BYTES]"""
+    import signal
+
+    if args.max_body < 1:
+        raise UsageError("--max-body must be a positive number of bytes")
+    data = _server_data_dir(args.data)
+    server = make_server(data, host=args.host, port=args.port, max_body=args.max_body)
+    port = server.server_address[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"contextfs server listening on http://{host}:{port} (data: {data})", flush=True)
+
+    def stop(signum: int, frame: Any) -> None:
+        # shutdown() waits for serve_forever() to return, so it must run on another thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
+def cmd_server_add_user(args: argparse.Namespace) -> int:
+    """contextfs server add-user EMAIL [--name N] [--password-stdin]"""
+    password = None
+    if args.password_stdin:
+        password = sys.stdin.read()
+        password = password[:-1] if password.endswith("\n") else password
+        password = password[:-1] if password.endswith("\r") else password
+        if not password:
+            raise UsageError("--password-stdin: standard input is empty; pipe the password in")
+    key = server_add_user(_server_data_dir(args.data), args.email, password=password, name=args.name)
+    if args.json:
+        _print_json({"email": args.email.strip().lower(), "api_key": key})
+    else:
+        print(key)
+    return EXIT_OK
+
+
 def _add_server_parsers(sub: Any, common: Any) -> None:
     """contextfs server … (issue 4: reference server)."""
+    p = sub.add_parser("server", help="run the self-hosted reference sync server")
+    ssub = p.add_subparsers(dest="server_command", metavar="run|add-user", required=True)
+    data_help = "server data directory (default: $CONTEXTFS_HOME/server)"
+    sp = ssub.add_parser("run", help="serve the sync API until SIGTERM/Ctrl-C")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=DEFAULT_SERVER_PORT,
+                    help=f"port (default {DEFAULT_SERVER_PORT}; 0 picks a free one)")
+    sp.add_argument("--data", metavar="DIR", help=data_help)
+    sp.add_argument("--max-body", type=int, default=SERVER_MAX_BODY, metavar="BYTES",
+                    help=f"largest accepted request body (default {SERVER_MAX_BODY})")
+    sp.set_defaults(func=cmd_server_run)
+    sp = ssub.add_parser("add-user", parents=[common], help="create a user and print its API key once")
+    sp.add_argument("email", metavar="EMAIL")
+    sp.add_argument("--data", metavar="DIR", help=data_help)
+    sp.add_argument("--name", help="display name")
+    sp.add_argument("--password-stdin", action="store_true",
+                    help="read a password (for contextfs cloud login) from standard input")
+    sp.set_defaults(func=cmd_server_add_user)
 
 
 def _add_mcp_parser(sub: Any, common: Any) -> None:
