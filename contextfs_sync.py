@@ -2009,7 +2009,7 @@ class SyncEngine:
         if self.key is None:
             _aesgcm()  # names the missing extra when cryptography is not installed
             raise CryptoError(f"Memory {memory.id} is end-to-end encrypted and this device has no passphrase. "
-                              f"Run: contextfs cloud configure --e2ee (nothing was stored)")
+                              f"Run: contextfs cloud configure --e2ee (nothing was stored)", EXIT_NOT_CONFIGURED)
         try:
             plaintext = decrypt_content(self.key, memory.content)
         except CryptoError:
@@ -2198,9 +2198,9 @@ CREATE TABLE IF NOT EXISTS api_keys (
     key_hash TEXT NOT NULL UNIQUE, key_prefix TEXT NOT NULL, is_active INTEGER NOT NULL DEFAULT 1,
     created_at TEXT NOT NULL, last_used_at TEXT);
 CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, device_name TEXT, platform TEXT,
+    device_id TEXT NOT NULL, user_id TEXT NOT NULL, device_name TEXT, platform TEXT,
     client_version TEXT, registered_at TEXT NOT NULL, last_sync_at TEXT, sync_cursor TEXT,
-    served_seq INTEGER);
+    served_seq INTEGER, PRIMARY KEY (user_id, device_id));
 CREATE TABLE IF NOT EXISTS memories (
     user_id TEXT NOT NULL, id TEXT NOT NULL, namespace_id TEXT, content_hash TEXT,
     updated_at TEXT, deleted_at TEXT, vector_clock TEXT NOT NULL, last_modified_by TEXT,
@@ -2713,15 +2713,19 @@ class SyncServerApp:
 
     @staticmethod
     def _claim_device(conn: sqlite3.Connection, user_id: str, device_id: str, now: str) -> None:
-        """Auto-register an unknown device for this user; a device of another user is 403."""
-        row = conn.execute("SELECT user_id FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        """Auto-register an unknown device for this user.
+
+        Devices are keyed by (user, device id): another account registering the same id gets its
+        own entry, so a device can never be taken over (protocol.md gap 8) and one machine can
+        switch accounts."""
+        row = conn.execute("SELECT user_id FROM devices WHERE user_id = ? AND device_id = ?",
+                           (user_id, device_id)).fetchone()
         if row is None:
             conn.execute("INSERT INTO devices (device_id, user_id, device_name, registered_at, last_sync_at) "
                          "VALUES (?, ?, ?, ?, ?)", (device_id, user_id, device_id, now, now))
-        elif row["user_id"] != user_id:
-            raise _HTTPError(403, "Device id belongs to another account")
         else:
-            conn.execute("UPDATE devices SET last_sync_at = ? WHERE device_id = ?", (now, device_id))
+            conn.execute("UPDATE devices SET last_sync_at = ? WHERE user_id = ? AND device_id = ?",
+                         (now, user_id, device_id))
 
     # -- auth and misc endpoints -----------------------------------------------------------
 
@@ -2783,9 +2787,10 @@ class SyncServerApp:
         with _ServerTx(conn, immediate=True):
             self._claim_device(conn, user["id"], device_id, now)
             conn.execute("UPDATE devices SET device_name = ?, platform = ?, client_version = ? "
-                         "WHERE device_id = ?", (fields["device_name"], fields["platform"],
-                                                 fields["client_version"], device_id))
-            row = conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+                         "WHERE user_id = ? AND device_id = ?", (fields["device_name"], fields["platform"],
+                                                                 fields["client_version"], user["id"], device_id))
+            row = conn.execute("SELECT * FROM devices WHERE user_id = ? AND device_id = ?",
+                               (user["id"], device_id)).fetchone()
         return {"device_id": row["device_id"], "device_name": row["device_name"], "platform": row["platform"],
                 "client_version": row["client_version"], "registered_at": row["registered_at"],
                 "last_sync_at": row["last_sync_at"], "sync_cursor": row["sync_cursor"]}
@@ -2946,7 +2951,8 @@ class SyncServerApp:
                     lists[kind] = [_wire_row(kind, r[1]) for r in page[:limit]]
                     top = max([top] + [r[0] for r in page[:limit]])
                 conn.execute("UPDATE devices SET served_seq = max(coalesce(served_seq, 0), ?), "
-                             "sync_cursor = ? WHERE device_id = ?", (top, server_timestamp, device_id))
+                             "sync_cursor = ? WHERE user_id = ? AND device_id = ?",
+                             (top, server_timestamp, user_id, device_id))
             # Each list is paged on its own, so the next offset is the longest list's length
             # (the anchor's sum of lengths skips rows: protocol.md §8 bug a).
             next_offset = offset + max(len(v) for v in lists.values()) if has_more else 0
