@@ -3873,7 +3873,9 @@ def run_demo(keep: bool = False) -> int:
         print(f"6. desktop: {uv.id} now holds the cloud version: {cloud_version!r}")
         for copy in copies:
             print(f"   desktop: the local text is kept as {copy.id}: {copy.content!r}")
-        print(f"   resolve with: CONTEXTFS_HOME={homes['desktop']} contextfs cloud resolve {uv.id}_local --keep local|cloud")
+        where = f"CONTEXTFS_HOME={homes['desktop']} " if keep else ""
+        print(f"   resolve with: {where}contextfs cloud resolve {uv.id}_local --keep local|cloud"
+              + ("" if keep else "  (run the demo with --keep to try it)"))
         print("Demo complete: memories, a session and a relationship synced; the conflict lost nothing.")
     finally:
         server.shutdown()

@@ -1528,6 +1528,14 @@ def test_missing_e2ee_extra_names_the_pip_command(home):
     assert "pip install 'contextfs-sync[e2ee]'" in out
 
 
+def test_demo_syncs_two_devices_and_keeps_a_conflict_copy(tmp_path):
+    proc = run_cli(tmp_path / "unused-home", "demo", check=0, timeout=120)
+    assert "laptop:  contextfs cloud sync  ->  pushed 4, pulled 0" in proc.stdout
+    assert "desktop: contextfs cloud sync  ->  pushed 0, pulled 4" in proc.stdout
+    assert _re.search(r"pulled 1, 1 conflict kept as [0-9a-f]{32}_local", proc.stdout)
+    assert "Demo complete" in proc.stdout and proc.stderr == ""
+
+
 class RecordingProxy:
     """A tiny HTTP proxy on 127.0.0.1 that forwards to `upstream` and records request bodies."""
 
