@@ -29,13 +29,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
-    "ContextFSError", "ConfigError", "NotConfigured", "NotFound", "StoreError",
-    "AuthError", "ServerError", "CryptoError",
-    "Memory", "Session", "Edge",
-    "clock_compare", "clock_merge", "clock_tick", "content_hash", "conflict_copy_id",
-    "Config", "load_config", "save_config", "contextfs_home", "mask_key",
-    "Store", "open_store",
-    "main",
+    # errors
+    "ContextFSError", "UsageError", "ConfigError", "NotConfigured", "NotFound", "StoreError",
+    "AuthError", "ServerError", "CryptoError", "MassDeleteError",
+    # data model and pure sync logic
+    "Memory", "Session", "Edge", "SearchHit",
+    "clock_compare", "clock_merge", "clock_tick", "content_hash", "decide_incoming",
+    "conflict_copy_id", "batches", "parse_ttl", "mask_key",
+    # config and local store
+    "Config", "load_config", "save_config", "contextfs_home", "device_id", "Store", "open_store",
+    # search, crypto, client, sync
+    "search_memories", "encrypt_content", "decrypt_content", "derive_passphrase_key",
+    "CloudClient", "SyncEngine", "SyncReport", "cloud_sync", "cloud_status", "cloud_check",
+    # reference server, CLI
+    "make_server", "server_add_user", "main",
 ]
 
 DEFAULT_SERVER_URL = "https://api.contextfs.ai"
