@@ -1078,8 +1078,6 @@ class Store:
             memory = self._get("memory", self.resolve_id(memory_id))
             if memory is None or memory.deleted_at:
                 raise NotFound(f"No memory with id {memory_id!r} (see: contextfs list)")
-            if memory.local_only and not memory.vector_clock:
-                pass  # never synced: still a tombstone, so other code paths see one rule
             memory.deleted_at = utc_now()
             self._local_write("memory", memory)
         self._notify("delete", [memory.id])
