@@ -1352,7 +1352,10 @@ def chromadb_installed() -> bool:
     """Whether the optional ``chromadb`` package can be imported (checked without importing it)."""
     import importlib.util
 
-    return importlib.util.find_spec("chromadb") is not None
+    try:
+        return importlib.util.find_spec("chromadb") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def index_path(home: Path) -> Path:
