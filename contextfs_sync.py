@@ -1430,7 +1430,7 @@ class MiniLMEmbedder:
     name = "default"
     model_id = MINILM_MODEL
     dim = 384
-    min_similarity = 0.3
+    min_similarity = 0.25
 
     def __init__(self, model_file: Path, tokenizer_file: Path, source: str = ""):
         import onnxruntime
@@ -1506,8 +1506,9 @@ def load_embedder(name: str, allow_download: bool = False) -> Any:
                                        f"in config.toml to index offline") from None
             files = _minilm_files()
         if files is None:
-            raise IndexUnavailable(f"the {MINILM_MODEL} model is not available offline: "
-                                   f"chromadb downloads it on first use")
+            # Saves and syncs never wait on a download: only `index rebuild` fetches the model.
+            raise IndexUnavailable(f"{MINILM_MODEL} is not downloaded yet; or set [index] "
+                                   f'embedder = "hash" to stay offline')
         try:
             embedder = MiniLMEmbedder(*files)
         except Exception as exc:

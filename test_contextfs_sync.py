@@ -332,13 +332,21 @@ def test_default_embedder_without_local_model_is_stale_with_one_warning(home, tm
     env = {"HOME": str(tmp_path / "user")}  # no ~/.cache/chroma model: what `default` meets offline
     first = run_cli(home, "save", MIGRATIONS, env=env, check=0)
     assert first.stderr.strip().splitlines() == [
-        "semantic index is stale (the all-MiniLM-L6-v2 model is not available offline: chromadb "
-        "downloads it on first use); run: contextfs index rebuild"]
+        'semantic index is stale (all-MiniLM-L6-v2 is not downloaded yet; or set [index] embedder = '
+        '"hash" to stay offline); run: contextfs index rebuild']
     assert run_cli(home, "save", "second", env=env, check=0).stderr == ""
     assert [h["content"] for h in cli_json(home, "search", "migrations", env=env)] == [MIGRATIONS]
     status = cli_json(home, "index", "status", env=env)
-    assert status["state"] == "stale" and "not available offline" in status["reason"]
+    assert status["state"] == "stale" and "not downloaded yet" in status["reason"]
     assert not (home / "chroma").exists()
+    # Only an explicit rebuild lets chromadb fetch the model; a dead loopback proxy stands in
+    # for "no network" so that nothing leaves this machine.
+    dead = "http://127.0.0.1:9"
+    offline = dict(env, HTTPS_PROXY=dead, https_proxy=dead, HTTP_PROXY=dead, http_proxy=dead,
+                   ALL_PROXY=dead, all_proxy=dead, NO_PROXY="", no_proxy="")
+    failed = run_cli(home, "index", "rebuild", env=offline, check=1)
+    assert failed.stderr.startswith("Cannot rebuild the semantic index: cannot download all-MiniLM-L6-v2")
+    assert failed.stderr.count("\n") == 1 and 'embedder = "hash"' in failed.stderr
 
 
 def test_embedder_none_and_missing_chromadb_never_import_chromadb(home, tmp_path):
