@@ -1548,12 +1548,16 @@ class SemanticIndex:
         return self._collection
 
     def _run(self, operation: Callable[[Any], Any]) -> Any:
-        # Another process may have rebuilt (dropped and re-created) the collection since we
-        # opened it: reopen once by name before giving up.
+        # Another process may have rebuilt the collection, or the user deleted chroma/ (it is
+        # derived data), since we opened it: reopen once with a fresh client before giving up.
         try:
             return operation(self.collection)
         except Exception:
-            self._collection = None
+            client, self._client, self._collection = self._client, None, None
+            close = getattr(client, "close", None)  # chromadb >= 1.x releases its SQLite handles
+            if close is not None:
+                with _suppress(Exception):
+                    close()
             return operation(self.collection)
 
     @property

