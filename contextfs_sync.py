@@ -1625,7 +1625,7 @@ _INDEXES: Dict[Tuple[str, str], SemanticIndex] = {}
 def open_index(home: Path, embedder_name: str, allow_download: bool = False) -> SemanticIndex:
     """The (cached per process) index for a home; raises IndexUnavailable or chromadb's errors."""
     if not chromadb_installed():
-        raise IndexUnavailable(f"chromadb is not installed ({SEMANTIC_HINT})")
+        raise IndexUnavailable(f"chromadb is not installed: {SEMANTIC_HINT}")
     key = (str(Path(home).resolve()), embedder_name)
     if key not in _INDEXES:
         _INDEXES[key] = SemanticIndex(home, load_embedder(embedder_name, allow_download))
@@ -1742,7 +1742,7 @@ def index_status(store: Store, cfg: Config) -> dict:
     if cfg.embedder == "none":
         return dict(status, state="off", reason='[index] embedder = "none" in config.toml')
     if not chromadb_installed():
-        return dict(status, state="unavailable", reason=f"chromadb is not installed ({SEMANTIC_HINT})")
+        return dict(status, state="unavailable", reason=f"chromadb is not installed: {SEMANTIC_HINT}")
     try:
         index = open_index(home, cfg.embedder)
         status["model"] = getattr(index.embedder, "source", None) or index.embedder.model_id
@@ -1769,6 +1769,8 @@ def rebuild_index(store: Store, cfg: Config,
     if cfg.embedder == "none":
         raise UsageError('The semantic index is off ([index] embedder = "none" in config.toml); '
                          'set it to "default" or "hash" to build one')
+    if not chromadb_installed():
+        raise IndexUnavailable(f"Cannot rebuild the semantic index: chromadb is not installed: {SEMANTIC_HINT}")
     started = time.monotonic()
     try:
         index = open_index(home, cfg.embedder, allow_download=True)
