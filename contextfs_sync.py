@@ -1386,6 +1386,533 @@ def open_store(home: Optional[Path] = None) -> Store:
 
 
 # ---- 7. semantic index -------------------------------------------------------------------
+# Derived data: one ChromaDB collection under $CONTEXTFS_HOME/chroma whose ids are memory ids.
+# SQLite stays the source of truth, so the index can be deleted and rebuilt at any time; and
+# because it is only a search aid, a failure here never fails a save or a sync: the index is
+# marked stale (one warning line) and search falls back to keywords until `index rebuild`.
+# Embeddings never leave the device (protocol.md §10): nothing here touches the wire.
+
+INDEX_DIRNAME = "chroma"
+INDEX_COLLECTION = "memories"
+INDEX_BATCH = 256                     # memories read, embedded and upserted per step
+INDEX_STALE_KEY = "index_stale"       # sync_state: why the index needs a rebuild
+SEMANTIC_HINT = "pip install 'contextfs-sync[semantic]'"
+REBUILD_HINT = "run: contextfs index rebuild"
+MINILM_MODEL = "all-MiniLM-L6-v2"
+RRF_K = 60                            # reciprocal-rank fusion constant (Cormack et al. 2009)
+
+
+class IndexUnavailable(ContextFSError):
+    """The semantic index or its embedding model cannot be used (search keeps working)."""
+
+
+def chromadb_installed() -> bool:
+    """Whether the optional ``chromadb`` package can be imported (checked without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("chromadb") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def index_path(home: Path) -> Path:
+    """Where the persistent index lives: ``$CONTEXTFS_HOME/chroma``."""
+    return Path(home) / INDEX_DIRNAME
+
+
+def index_text(memory: Memory) -> str:
+    """The text embedded for a memory: summary, content and tags."""
+    parts = [memory.summary or "", memory.content, " ".join(memory.tags)]
+    return "\n".join(p for p in parts if p)
+
+
+def _indexable(memory: Optional[Memory]) -> bool:
+    # Ciphertext (a row we could not decrypt) would only pollute the vector space.
+    return memory is not None and not memory.deleted_at and not memory.encrypted
+
+
+_HASH_STOPWORDS = frozenset(
+    "a an and are as at be been but by can do does for from had has have how i if in into is it "
+    "its me my no not of on or our so than that the their them then there these they this to "
+    "was we were what when where which who will with you your".split())
+
+
+class HashEmbedder:
+    """Offline, deterministic feature hashing of words and character trigrams (384 dims).
+
+    Honest lexical vectors: they match shared words and shared word pieces ("deploy" and
+    "deployments", "migrate" and "migrations"), never synonyms. Lower quality than MiniLM,
+    but needs no model, no network, and is identical on every machine.
+    """
+
+    name = "hash"
+    model_id = "hash-v1"
+    dim = 384
+    min_similarity = 0.2  # vector-only hits below this are noise from common trigrams
+
+    def __call__(self, texts: List[str]) -> List[List[float]]:
+        """Embed texts as L2-normalised vectors."""
+        return [self._embed(text) for text in texts]
+
+    def _embed(self, text: str) -> List[float]:
+        import math
+        import zlib
+
+        weights: Dict[str, float] = {}
+        for word in re.findall(r"\w+", text.lower()):
+            if word in _HASH_STOPWORDS or len(word) < 2:
+                continue
+            weights[word] = weights.get(word, 0.0) + 1.0
+            padded = f"<{word}>"
+            for i in range(len(padded) - 2):
+                gram = "#" + padded[i:i + 3]
+                weights[gram] = weights.get(gram, 0.0) + 0.5
+        vector = [0.0] * self.dim
+        for feature, weight in weights.items():
+            h = zlib.crc32(feature.encode("utf-8"))
+            # Sublinear term frequency; the sign bit spreads collisions around zero.
+            value = 1.0 + math.log(weight) if weight >= 1 else weight
+            vector[h % self.dim] += value if h & 0x80000000 else -value
+        norm = math.sqrt(sum(v * v for v in vector))
+        return [v / norm for v in vector] if norm else vector
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 (384 dims) on onnxruntime from local files: ``model.onnx`` + ``tokenizer.json``.
+
+    The same model ChromaDB's default embedding function runs; we run it ourselves so that we
+    control where the files come from and never download at save or sync time.
+    """
+
+    name = "default"
+    model_id = MINILM_MODEL
+    dim = 384
+    min_similarity = 0.25
+
+    def __init__(self, model_file: Path, tokenizer_file: Path, source: str = ""):
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        self.source = source or str(model_file.parent)
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer.enable_truncation(max_length=256)  # sentence-transformers' max_seq_length
+        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(str(model_file), sess_options=options,
+                                                    providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, texts: List[str]) -> List[List[float]]:
+        """Embed texts: mean pooling over tokens, L2-normalised (as sentence-transformers does)."""
+        import numpy as np
+
+        out = []
+        for start in range(0, len(texts), 32):
+            encoded = self.tokenizer.encode_batch(texts[start:start + 32])
+            ids = np.array([e.ids for e in encoded], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+            feed = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in self.inputs:
+                feed["token_type_ids"] = np.zeros_like(ids)
+            hidden = self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
+            if hidden.ndim == 3:  # token states: pool them; some exports pool already
+                weights = mask[:, :, None].astype(hidden.dtype)
+                hidden = (hidden * weights).sum(1) / np.clip(weights.sum(1), 1e-9, None)
+            norms = np.linalg.norm(hidden, axis=1, keepdims=True)
+            out.extend((hidden / np.clip(norms, 1e-12, None)).astype(np.float32).tolist())
+        return out
+
+
+def _chroma_model_dir() -> Path:
+    """Where ChromaDB keeps all-MiniLM-L6-v2 after its first-use download."""
+    return Path.home() / ".cache" / "chroma" / "onnx_models" / MINILM_MODEL / "onnx"
+
+
+def _minilm_files() -> Optional[Tuple[Path, Path, str]]:
+    """Local (model.onnx, tokenizer.json, description) for MiniLM, or None: never downloads."""
+    cache = _chroma_model_dir()
+    if (cache / "model.onnx").is_file() and (cache / "tokenizer.json").is_file():
+        return cache / "model.onnx", cache / "tokenizer.json", f"chromadb cache ({cache})"
+    return None
+
+
+def _download_minilm() -> None:
+    """Let ChromaDB fetch its default model into its cache (only on an explicit rebuild)."""
+    from chromadb.utils.embedding_functions import ONNXMiniLM_L6_V2
+
+    ONNXMiniLM_L6_V2()(["warm-up"])
+
+
+_EMBEDDERS: Dict[str, Any] = {}
+
+
+def load_embedder(name: str, allow_download: bool = False) -> Any:
+    """The embedder for ``[index] embedder``; raises IndexUnavailable if its model is not local."""
+    if name in _EMBEDDERS:
+        return _EMBEDDERS[name]
+    if name == "hash":
+        embedder: Any = HashEmbedder()
+    elif name == "default":
+        files = _minilm_files()
+        if files is None and allow_download:
+            try:
+                _download_minilm()
+            except Exception as exc:
+                raise IndexUnavailable(f"cannot download {MINILM_MODEL} ({_one_reason(exc)}); set [index] embedder = \"hash\" "
+                                       f"in config.toml to index offline") from None
+            files = _minilm_files()
+        if files is None:
+            # Saves and syncs never wait on a download: only `index rebuild` fetches the model.
+            raise IndexUnavailable(f"{MINILM_MODEL} is not downloaded yet; or set [index] "
+                                   f'embedder = "hash" to stay offline')
+        try:
+            embedder = MiniLMEmbedder(*files)
+        except Exception as exc:
+            raise IndexUnavailable(f"cannot load {MINILM_MODEL} from {files[2]} ({_one_reason(exc)})") from None
+    else:
+        raise IndexUnavailable(f"no embedder {name!r} (use one of: {', '.join(EMBEDDERS)})")
+    _EMBEDDERS[name] = embedder
+    return embedder
+
+
+def _one_reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:159] + "…"
+
+
+class SemanticIndex:
+    """The ChromaDB collection for one home and one embedder (no documents stored: SQLite has them)."""
+
+    def __init__(self, home: Path, embedder: Any):
+        self.path = index_path(home)
+        self.embedder = embedder
+        self._collection: Any = None
+        self._client: Any = None
+
+    @property
+    def collection(self) -> Any:
+        """The collection, opened (and created) on first use."""
+        if self._collection is None:
+            import chromadb
+            from chromadb.config import Settings
+
+            self._client = chromadb.PersistentClient(
+                path=str(self.path), settings=Settings(anonymized_telemetry=False))
+            self._collection = self._client.get_or_create_collection(
+                INDEX_COLLECTION, embedding_function=None,
+                metadata={"hnsw:space": "cosine", "embedder": self.embedder.model_id})
+        return self._collection
+
+    def _run(self, operation: Callable[[Any], Any]) -> Any:
+        # Another process may have rebuilt the collection, or the user deleted chroma/ (it is
+        # derived data), since we opened it: reopen once with a fresh client before giving up.
+        try:
+            return operation(self.collection)
+        except Exception:
+            client, self._client, self._collection = self._client, None, None
+            close = getattr(client, "close", None)  # chromadb >= 1.x releases its SQLite handles
+            if close is not None:
+                with _suppress(Exception):
+                    close()
+            return operation(self.collection)
+
+    @property
+    def built_with(self) -> str:
+        """The embedder id recorded when the collection was created."""
+        return (self._run(lambda c: c.metadata) or {}).get("embedder", "")
+
+    def check_embedder(self) -> None:
+        """Raise IndexUnavailable when the collection holds another embedder's vectors."""
+        if self.built_with != self.embedder.model_id:
+            raise IndexUnavailable(f"the index was built with {self.built_with or 'another embedder'!r}, "
+                                   f"config asks for {self.embedder.model_id!r}")
+
+    def count(self) -> int:
+        """Number of vectors in the index."""
+        return int(self._run(lambda c: c.count()))
+
+    def upsert(self, memories: List[Memory]) -> None:
+        """Embed and store memories (one batch; callers batch)."""
+        if memories:
+            vectors = self.embedder([index_text(m) for m in memories])
+            ids = [m.id for m in memories]
+            self._run(lambda c: c.upsert(ids=ids, embeddings=vectors))
+
+    def delete(self, ids: List[str]) -> None:
+        """Remove ids (missing ids are fine)."""
+        for start in range(0, len(ids), INDEX_BATCH):
+            chunk = list(ids[start:start + INDEX_BATCH])
+            self._run(lambda c: c.delete(ids=chunk))
+
+    def refresh(self, store: Store, ids: List[str]) -> None:
+        """Re-embed these memories from the store in batches; deleted or missing ones leave the index."""
+        self.check_embedder()
+        for start in range(0, len(ids), INDEX_BATCH):
+            chunk = list(dict.fromkeys(ids[start:start + INDEX_BATCH]))
+            rows = _memories_by_id(store, chunk)
+            live = [rows[i] for i in chunk if _indexable(rows.get(i))]
+            gone = [i for i in chunk if not _indexable(rows.get(i))]
+            self.upsert(live)
+            if gone:
+                self.delete(gone)
+
+    def query(self, text: str, n: int) -> List[Tuple[str, float]]:
+        """Nearest memory ids with cosine similarity (1 is identical), best first."""
+        total = self.count()
+        if total == 0 or n <= 0:
+            return []
+        vector = self.embedder([text])
+        result = self._run(lambda c: c.query(query_embeddings=vector, n_results=min(n, total),
+                                             include=["distances"]))
+        return [(i, 1.0 - float(d)) for i, d in zip(result["ids"][0], result["distances"][0])]
+
+    def reset(self) -> None:
+        """Drop the collection and start an empty one for the configured embedder."""
+        _ = self.collection
+        with _suppress(Exception):
+            self._client.delete_collection(INDEX_COLLECTION)
+        self._collection = None
+        _ = self.collection
+
+
+_INDEXES: Dict[Tuple[str, str], SemanticIndex] = {}
+
+
+def open_index(home: Path, embedder_name: str, allow_download: bool = False) -> SemanticIndex:
+    """The (cached per process) index for a home; raises IndexUnavailable or chromadb's errors."""
+    if not chromadb_installed():
+        raise IndexUnavailable(f"chromadb is not installed: {SEMANTIC_HINT}")
+    key = (str(Path(home).resolve()), embedder_name)
+    if key not in _INDEXES:
+        _INDEXES[key] = SemanticIndex(home, load_embedder(embedder_name, allow_download))
+    return _INDEXES[key]
+
+
+def _memories_by_id(store: Store, ids: List[str]) -> Dict[str, Memory]:
+    if not ids:
+        return {}
+    with store._lock:
+        rows = store.conn.execute(f"SELECT * FROM memories WHERE id IN ({', '.join('?' * len(ids))})",
+                                  ids).fetchall()
+    return {r["id"]: _from_row(Memory, r, _MEMORY_COLUMNS) for r in rows}
+
+
+def _indexable_count(store: Store) -> int:
+    with store._lock:
+        return store.conn.execute(
+            "SELECT count(*) FROM memories WHERE deleted_at IS NULL AND encrypted = 0").fetchone()[0]
+
+
+def _indexable_ids(store: Store, after: str, limit: int) -> List[str]:
+    with store._lock:
+        return [r[0] for r in store.conn.execute(
+            "SELECT id FROM memories WHERE deleted_at IS NULL AND encrypted = 0 AND id > ? "
+            "ORDER BY id LIMIT ?", (after, limit))]
+
+
+def _index_enabled(cfg: Config) -> bool:
+    return cfg.embedder != "none" and chromadb_installed()
+
+
+def stale_line(reason: str) -> str:
+    """The one warning line for a stale index."""
+    return f"semantic index is stale ({reason}); {REBUILD_HINT}"
+
+
+def mark_stale(store: Store, reason: str) -> str:
+    """Remember that the index needs a rebuild (kept in sync_state); returns the warning line."""
+    with _suppress(Exception):
+        store.set_state(INDEX_STALE_KEY, reason)
+    return stale_line(reason)
+
+
+def _failure_reason(exc: BaseException, home: Path) -> str:
+    if isinstance(exc, ContextFSError):
+        return exc.message
+    return f"cannot write {index_path(home)}: {_one_reason(exc)}"
+
+
+def _reraise_if_fatal(exc: BaseException) -> None:
+    # Chroma's Rust core can surface panics as BaseException subclasses: those we absorb,
+    # but an interrupt or exit must still stop the program.
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        raise exc
+
+
+def index_after_pull(store: Store, cfg: Config, upserted: List[str], deleted: List[str]) -> Optional[str]:
+    """Re-embed pulled memories and drop pulled tombstones; never raises. Returns None or one warning line.
+
+    Called by the sync engine after the pulled rows are committed, so a failed index never
+    fails or rolls back a sync.
+    """
+    home = store.path.parent
+    try:
+        if not _index_enabled(cfg):
+            return None
+        stale = store.state(INDEX_STALE_KEY)
+        if stale:
+            return stale_line(stale)  # a rebuild will read everything anyway
+        index = open_index(home, cfg.embedder)
+        index.refresh(store, list(upserted))
+        index.delete(list(deleted))
+        return None
+    except BaseException as exc:
+        _reraise_if_fatal(exc)
+        return mark_stale(store, _failure_reason(exc, home))
+
+
+def _warn_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def attach_index(store: Store, cfg: Optional[Config] = None,
+                 warn: Callable[[str], None] = _warn_stderr) -> None:
+    """Keep the semantic index in step with this store's local writes (a failure only warns once)."""
+    if getattr(store, "_index_attached", False):
+        return
+    store._index_attached = True  # type: ignore[attr-defined]
+    home = store.path.parent
+
+    def on_change(event: str, ids: List[str]) -> None:
+        try:
+            config = cfg or load_config(home)
+            if not _index_enabled(config) or store.state(INDEX_STALE_KEY):
+                return  # off, not installed, or already waiting for a rebuild: nothing to keep up
+            index = open_index(home, config.embedder)
+            if event == "delete":
+                index.delete(ids)
+            else:
+                index.refresh(store, ids)
+        except BaseException as exc:
+            _reraise_if_fatal(exc)
+            warn(mark_stale(store, _failure_reason(exc, home)))
+
+    store.on_change.append(on_change)
+
+
+def index_status(store: Store, cfg: Config) -> dict:
+    """Embedder, state (ok, stale, off, unavailable), vectors indexed vs memories in the store."""
+    home = store.path.parent
+    status = {"embedder": cfg.embedder, "path": str(index_path(home)), "state": "ok", "reason": None,
+              "indexed": None, "memories": _indexable_count(store), "model": None}
+    if cfg.embedder == "none":
+        return dict(status, state="off", reason='[index] embedder = "none" in config.toml')
+    if not chromadb_installed():
+        return dict(status, state="unavailable", reason=f"chromadb is not installed: {SEMANTIC_HINT}")
+    try:
+        index = open_index(home, cfg.embedder)
+        status["model"] = getattr(index.embedder, "source", None) or index.embedder.model_id
+        if index.path.exists():
+            status["indexed"] = index.count()
+            index.check_embedder()
+        else:
+            status["indexed"] = 0
+    except BaseException as exc:
+        _reraise_if_fatal(exc)
+        mark_stale(store, _failure_reason(exc, home))
+    reason = store.state(INDEX_STALE_KEY)
+    if reason is None and status["indexed"] != status["memories"]:
+        reason = f"{status['indexed']} of {status['memories']} memories indexed"
+    if reason:
+        status.update(state="stale", reason=reason)
+    return status
+
+
+def rebuild_index(store: Store, cfg: Config,
+                  progress: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Re-create the index from SQLite in batches; clears the stale mark. Raises IndexUnavailable."""
+    home = store.path.parent
+    if cfg.embedder == "none":
+        raise UsageError('The semantic index is off ([index] embedder = "none" in config.toml); '
+                         'set it to "default" or "hash" to build one')
+    if not chromadb_installed():
+        raise IndexUnavailable(f"Cannot rebuild the semantic index: chromadb is not installed: {SEMANTIC_HINT}")
+    started = time.monotonic()
+    try:
+        index = open_index(home, cfg.embedder, allow_download=True)
+        index.reset()
+        total, done, after = _indexable_count(store), 0, ""
+        while True:
+            ids = _indexable_ids(store, after, INDEX_BATCH)
+            if not ids:
+                break
+            index.refresh(store, ids)
+            done, after = done + len(ids), ids[-1]
+            if progress:
+                progress(done, total)
+    except BaseException as exc:
+        _reraise_if_fatal(exc)
+        reason = _failure_reason(exc, home)
+        mark_stale(store, reason)
+        raise IndexUnavailable(f"Cannot rebuild the semantic index: {reason}") from None
+    store.set_state(INDEX_STALE_KEY, None)
+    return {"embedder": cfg.embedder, "model": getattr(index.embedder, "source", None) or index.embedder.model_id,
+            "indexed": done, "path": str(index.path), "seconds": round(time.monotonic() - started, 3)}
+
+
+def _semantic_hits(store: Store, cfg: Config, query: str, n: int,
+                   notes: Optional[List[str]]) -> Optional[List[Tuple[str, float]]]:
+    """Vector candidates, or None when the index is off, unavailable or stale (keyword-only)."""
+    if not _index_enabled(cfg):
+        return None
+    home = store.path.parent
+    stale = store.state(INDEX_STALE_KEY)
+    try:
+        if not stale:
+            index = open_index(home, cfg.embedder)
+            if not index.path.exists():
+                indexed = 0
+            else:
+                index.check_embedder()
+                indexed = index.count()
+            expected = _indexable_count(store)
+            if indexed == expected:
+                if expected == 0:
+                    return []
+                return [(i, s) for i, s in index.query(query, n) if s >= index.embedder.min_similarity]
+            stale = f"{indexed} of {expected} memories indexed"
+    except BaseException as exc:
+        _reraise_if_fatal(exc)
+        stale = _failure_reason(exc, home)
+        mark_stale(store, stale)
+    if notes is not None:
+        notes.append(stale_line(stale) + "; showing keyword matches only")
+    return None
+
+
+def search_memories(store: Store, query: str, limit: int = 10, type: Optional[str] = None,
+                    cfg: Optional[Config] = None, notes: Optional[List[str]] = None) -> List[SearchHit]:
+    """Search memories: keyword (FTS5) ranking fused with semantic hits when the index is usable.
+
+    Fusion is reciprocal-rank (score = Σ 1/(60 + rank) over the two rankings), so the two
+    very different score scales never have to be compared; ``hit.sources`` keeps the raw
+    keyword (bm25) and semantic (cosine similarity) scores. Without a usable index the result
+    is the plain keyword search, scored by bm25. ``notes`` collects a reason for a fallback.
+    """
+    cfg = cfg or load_config(store.path.parent)
+    pool = max(limit * 3, 30)
+    keyword = store.search(query, limit=pool, type=type)
+    vector = _semantic_hits(store, cfg, query, pool, notes) if limit > 0 else None
+    if vector is None:
+        return keyword[:limit]
+    fused: Dict[str, SearchHit] = {}
+    for rank, hit in enumerate(keyword, 1):
+        fused[hit.memory.id] = SearchHit(hit.memory, 1.0 / (RRF_K + rank), hit.snippet, dict(hit.sources))
+    memories = _memories_by_id(store, [i for i, _s in vector if i not in fused])
+    words = [w.lower() for w in re.findall(r"\w+", query)]
+    for rank, (mem_id, similarity) in enumerate(vector, 1):
+        hit = fused.get(mem_id)
+        if hit is None:
+            memory = memories.get(mem_id)
+            if memory is None or memory.deleted_at or (type and memory.type != type):
+                continue  # the index can trail the store by a moment; SQLite decides
+            hit = fused[mem_id] = SearchHit(memory, 0.0, _like_snippet(memory.content, words), {})
+        hit.score += 1.0 / (RRF_K + rank)
+        hit.sources["semantic"] = similarity
+    ranked = sorted(fused.values(), key=lambda h: (-h.score, h.memory.id))
+    return ranked[:limit]
 
 def index_after_pull(store: Store, cfg: Config, upserted: List[str], deleted: List[str]) -> Optional[str]:
     """Regenerate embeddings for pulled memories (issue 6 builds the index); never raises."""
@@ -3260,7 +3787,9 @@ def _memory_line(memory: Memory) -> str:
 
 
 def _open(args: argparse.Namespace) -> Store:
-    return open_store()
+    store = open_store()
+    attach_index(store)  # local writes keep the semantic index in step
+    return store
 
 
 def cmd_save(args: argparse.Namespace) -> int:
@@ -3297,8 +3826,11 @@ def _parse_metadata(text: Optional[str]) -> Optional[dict]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """contextfs search QUERY"""
+    notes: List[str] = []
     with _open(args) as store:
-        hits = search_memories(store, args.query, limit=args.limit, type=args.type)
+        hits = search_memories(store, args.query, limit=args.limit, type=args.type, notes=notes)
+    for note in notes:
+        print(note, file=sys.stderr)
     if args.json:
         _print_json([dict(memory_view(h.memory), score=round(h.score, 6), snippet=h.snippet,
                           scores={k: round(v, 6) for k, v in h.sources.items()}) for h in hits])
@@ -3308,11 +3840,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         for hit in hits:
             print(f"{hit.memory.id}  [{hit.memory.type}] {_one_line(hit.snippet, 90)}")
     return EXIT_OK
-
-
-def search_memories(store: Store, query: str, limit: int = 10, type: Optional[str] = None) -> List[SearchHit]:
-    """Search memories: keyword ranking, merged with semantic hits when the index is usable."""
-    return store.search(query, limit=limit, type=type)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -3749,8 +4276,61 @@ def _add_cloud_parsers(sub: Any, common: Any) -> None:
     sp.set_defaults(func=cmd_cloud_resolve)
 
 
+def cmd_index_status(args: argparse.Namespace) -> int:
+    """contextfs index status"""
+    cfg = load_config()
+    with _open(args) as store:
+        status = index_status(store, cfg)
+    if args.json:
+        _print_json(status)
+        return EXIT_OK
+    notes = {"hash": " (offline feature hashing: lexical, lower quality than default)",
+             "default": f" ({MINILM_MODEL})", "none": " (semantic search off)"}
+    print(f"embedder:   {status['embedder']}{notes.get(status['embedder'], '')}")
+    if status["model"] and status["model"] != HashEmbedder.model_id:
+        print(f"model:      {status['model']}")
+    print(f"index:      {status['path']}")
+    indexed = "-" if status["indexed"] is None else status["indexed"]
+    print(f"indexed:    {indexed} of {status['memories']} memories")
+    state = status["state"]
+    if state == "stale":
+        state = f"stale ({status['reason']}); {REBUILD_HINT}"
+    elif state in ("off", "unavailable"):
+        state = f"{state} ({status['reason']}); search uses keywords only"
+    print(f"state:      {state}")
+    return EXIT_OK
+
+
+def cmd_index_rebuild(args: argparse.Namespace) -> int:
+    """contextfs index rebuild"""
+    cfg = load_config()
+    tty = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rindexing {done}/{total} memories…", end="", file=sys.stderr, flush=True)
+
+    with _open(args) as store:
+        try:
+            result = rebuild_index(store, cfg, progress=progress if tty else None)
+        finally:
+            if tty:
+                print(file=sys.stderr)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"Indexed {result['indexed']} memories with the {result['embedder']} embedder "
+              f"in {result['seconds']:.1f}s ({result['path']})")
+    return EXIT_OK
+
+
 def _add_index_parsers(sub: Any, common: Any) -> None:
     """contextfs index … (issue 6)."""
+    p = sub.add_parser("index", help="the local semantic index (derived data, never synced)")
+    isub = p.add_subparsers(dest="index_command", metavar="status|rebuild", required=True)
+    sp = isub.add_parser("status", parents=[common], help="embedder, indexed count vs store, stale?")
+    sp.set_defaults(func=cmd_index_status)
+    sp = isub.add_parser("rebuild", parents=[common], help="re-create the index from the local store")
+    sp.set_defaults(func=cmd_index_rebuild)
 
 
 def _server_data_dir(arg: Optional[str]) -> Path:
