@@ -1914,10 +1914,6 @@ def search_memories(store: Store, query: str, limit: int = 10, type: Optional[st
     ranked = sorted(fused.values(), key=lambda h: (-h.score, h.memory.id))
     return ranked[:limit]
 
-def index_after_pull(store: Store, cfg: Config, upserted: List[str], deleted: List[str]) -> Optional[str]:
-    """Regenerate embeddings for pulled memories (issue 6 builds the index); never raises."""
-    return None
-
 
 # ---- 8. crypto ---------------------------------------------------------------------------
 # Wire format (protocol.md §9): AES-256-GCM, 12-byte random nonce, no AAD, base64url WITH '='
