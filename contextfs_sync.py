@@ -1969,8 +1969,8 @@ class _McpShutdown(Exception):
 
 def _claim_stdout() -> Any:
     """A private binary handle on stdout for protocol messages; fd 1 and sys.stdout go to stderr."""
-    sys.stdout.flush()
     try:
+        sys.stdout.flush()
         out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     except (OSError, AttributeError, ValueError):  # no real file descriptors (embedded use)
@@ -1985,6 +1985,9 @@ def serve_mcp() -> int:
 
     server = McpServer(_claim_stdout())
     stdin = getattr(sys.stdin, "buffer", None)
+    if stdin is not None and stdin.isatty():
+        _mcp_log("waiting for an MCP client on stdin; your MCP client starts this command "
+                 "(see the README). Ctrl-D ends it.")
     terminating = []
 
     def on_sigterm(signum: int, frame: Any) -> None:
