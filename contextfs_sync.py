@@ -1455,9 +1455,10 @@ def _rpc_error(req_id: Any, code: int, message: str) -> dict:
     return {"jsonrpc": "2.0", "id": req_id, "error": {"code": code, "message": message}}
 
 
-def _drop_none(data: dict) -> dict:
-    """A copy without top-level None values (MCP clients choke on null optional fields)."""
-    return {k: v for k, v in data.items() if v is not None}
+def _drop_none(data: dict, deep: bool = False) -> dict:
+    """A copy without None values (MCP clients choke on null optional fields); ``deep`` for nested dicts."""
+    return {k: (_drop_none(v, deep) if deep and isinstance(v, dict) else v)
+            for k, v in data.items() if v is not None}
 
 
 # -- tool argument checking: the subset of JSON Schema our input schemas use ----------------
@@ -1648,7 +1649,7 @@ def _mcp_sync(args: dict) -> Tuple[str, dict]:
 
 
 def _mcp_sync_status(args: dict) -> Tuple[str, dict]:
-    status = _drop_none(cloud_status())
+    status = _drop_none(cloud_status(), deep=True)
     enabled = bool(status.get("enabled"))
     lines = [f"Cloud sync: {'enabled' if enabled else 'disabled (enable: contextfs cloud configure --enabled)'}",
              f"Server: {status.get('server_url')}",
@@ -1660,6 +1661,12 @@ def _mcp_sync_status(args: dict) -> Tuple[str, dict]:
               f"Last pull: {status.get('last_pull_at', 'never')}",
               f"Pending push: {status.get('pending_push', 0)}",
               f"Conflicts: {status.get('conflicts', 0)}"]
+    remote = status.get("server")
+    if isinstance(remote, dict) and remote.get("error"):
+        lines.append(f"Server check: {remote['error']}")
+    elif isinstance(remote, dict):
+        lines.append("Server has: " + ", ".join(f"{v} {k.replace('_count', '').replace('_', ' ')}"
+                                                for k, v in remote.items() if k.endswith("_count")))
     return "\n".join(lines), status
 
 
