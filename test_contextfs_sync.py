@@ -413,13 +413,17 @@ def test_mcp_sync_moves_memories_to_a_second_device(tmp_path):
 
         async def pull(client):
             synced = await client.call_tool("contextfs_sync", {"direction": "pull"})
-            return synced, await client.call_tool("contextfs_search", {"query": "analytics replica"})
+            found = await client.call_tool("contextfs_search", {"query": "analytics replica"})
+            return synced, found, await client.call_tool("contextfs_sync_status", {})
 
         saved, pushed = _sdk(device_a, push)
         assert not pushed.is_error, pushed.content[0].text
         assert pushed.structured_content["pushed"]["memories"] >= 2
-        pulled, found = _sdk(device_b, pull)
+        pulled, found, status = _sdk(device_b, pull)
         assert not pulled.is_error, pulled.content[0].text
+        assert not status.is_error and status.structured_content["enabled"] is True
+        assert status.structured_content["last_pull_at"] and "Server has: " in status.content[0].text
+        assert "error" not in status.structured_content.get("server", {})
         assert pulled.structured_content["pulled"]["memories"] >= 2
         assert found.structured_content["count"] == 1
         contents = {m["content"] for m in cli_json(device_b, "list")}
@@ -428,6 +432,29 @@ def test_mcp_sync_moves_memories_to_a_second_device(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.mark.skipif(not _cli_has_commands("cloud"), reason="needs the sync engine (merged later)")
+def test_mcp_ping_is_answered_during_a_sync_that_hangs(home):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections, never answers: a hung server
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        _enable_cloud(home, api_key="ctxfs_" + "k" * 40, server_url=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        with RawMcp(home) as mcp:
+            mcp.initialize()
+            mcp.send_json({"jsonrpc": "2.0", "id": "sync", "method": "tools/call",
+                           "params": {"name": "contextfs_sync", "arguments": {}}})
+            for n in range(3):
+                assert mcp.request("ping")["result"] == {}
+            assert mcp.call("contextfs_list", {})["structuredContent"]["count"] == 0
+            started = time.monotonic()
+            rest = mcp.rest_until_eof()  # the client leaves while the sync still waits
+            elapsed = time.monotonic() - started
+            assert mcp.proc.returncode == 0 and "Traceback" not in mcp.stderr_text()
+    assert all(answer.get("id") == "sync" for answer in rest)
+    print(f"exit after stdin EOF during a hung sync: {elapsed * 1000:.0f} ms")
 
 
 @pytest.mark.parametrize("requested,answered", [
