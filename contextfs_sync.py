@@ -868,7 +868,14 @@ class Store:
                                         isolation_level=None, check_same_thread=False)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-            self.conn.execute("PRAGMA journal_mode = WAL")
+            for attempt in range(SQLITE_BUSY_TIMEOUT_MS // 50):
+                try:  # a new file's switch to WAL answers BUSY at once (no busy handler) while
+                    self.conn.execute("PRAGMA journal_mode = WAL")  # another connection opens it
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == SQLITE_BUSY_TIMEOUT_MS // 50 - 1:
+                        raise
+                    time.sleep(0.05)
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
         except sqlite3.DatabaseError as exc:
@@ -899,6 +906,9 @@ class Store:
                              f"upgrade: pip install -U contextfs-sync")
         for number in range(version + 1, target + 1):
             with self.transaction():
+                # Re-read under the write lock: another connection may have just migrated.
+                if self.conn.execute("PRAGMA user_version").fetchone()[0] >= number:
+                    continue
                 for statement in _split_sql(_MIGRATIONS[number - 1]):
                     self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {number}")
