@@ -618,6 +618,19 @@ def test_mcp_ping_is_answered_while_a_tool_call_is_blocked(home):
     assert answer["id"] == "save" and answer["result"]["content"][0]["text"].startswith("Saved ")
 
 
+def test_mcp_concurrent_tool_calls_on_a_new_home_all_succeed(home):
+    # Concurrent calls each open the store; on a brand-new home they race to create it.
+    with RawMcp(home) as mcp:
+        mcp.initialize()
+        for n in range(4):
+            mcp.send_json({"jsonrpc": "2.0", "id": n, "method": "tools/call",
+                           "params": {"name": "contextfs_save", "arguments": {"content": f"parallel {n}"}}})
+        answers = {a["id"]: a["result"] for a in (mcp.recv() for _ in range(4))}
+    assert sorted(answers) == [0, 1, 2, 3]
+    assert all("isError" not in r for r in answers.values()), answers
+    assert sorted(m["content"] for m in cli_json(home, "list")) == [f"parallel {n}" for n in range(4)]
+
+
 def test_mcp_cancelled_call_gets_no_answer(home):
     lock = _lock_store(home)
     with RawMcp(home) as mcp:
