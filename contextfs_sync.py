@@ -884,7 +884,14 @@ class Store:
                                         isolation_level=None, check_same_thread=False)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-            self.conn.execute("PRAGMA journal_mode = WAL")
+            for attempt in range(SQLITE_BUSY_TIMEOUT_MS // 50):
+                try:  # a new file's switch to WAL answers BUSY at once (no busy handler) while
+                    self.conn.execute("PRAGMA journal_mode = WAL")  # another connection opens it
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == SQLITE_BUSY_TIMEOUT_MS // 50 - 1:
+                        raise
+                    time.sleep(0.05)
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
         except sqlite3.DatabaseError as exc:
@@ -915,6 +922,9 @@ class Store:
                              f"upgrade: pip install -U contextfs-sync")
         for number in range(version + 1, target + 1):
             with self.transaction():
+                # Re-read under the write lock: another connection may have just migrated.
+                if self.conn.execute("PRAGMA user_version").fetchone()[0] >= number:
+                    continue
                 for statement in _split_sql(_MIGRATIONS[number - 1]):
                     self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {number}")
@@ -3740,6 +3750,628 @@ def make_server(data_dir: Path, host: str = "127.0.0.1", port: int = 0,
 
 
 # ---- 12. MCP stdio server ----------------------------------------------------------------
+# JSON-RPC 2.0, one message per line on stdin/stdout, per the MCP specification (revisions
+# 2024-11-05 to 2025-11-25). Hand-rolled so that `contextfs mcp` starts fast and needs no SDK.
+# The reading loop answers protocol requests itself and hands each tool call to a worker
+# thread, so `ping` (and everything else) is answered while a long sync runs. stdout carries
+# protocol only: the server keeps a private duplicate of file descriptor 1 and points fd 1 and
+# sys.stdout at stderr, so a stray print, or a library writing to fd 1 directly, cannot corrupt
+# the stream. Tools call the same functions as the CLI; their failures are tool results with
+# ``isError: true`` and the error's exact one-line message, never protocol errors or crashes.
+
+MCP_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")  # oldest first
+MCP_SERVER_NAME = "contextfs-sync"
+MCP_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MCP_MAX_CONCURRENT_CALLS = 4
+MCP_EXIT_GRACE_SECONDS = 0.5  # on EOF/SIGTERM, time left to running calls to deliver their answer
+
+RPC_PARSE_ERROR = -32700
+RPC_INVALID_REQUEST = -32600
+RPC_METHOD_NOT_FOUND = -32601
+RPC_INVALID_PARAMS = -32602
+RPC_INTERNAL_ERROR = -32603
+
+MCP_INSTRUCTIONS = (
+    "contextfs keeps this agent's memories (facts, decisions, procedures, errors, ...) on this device "
+    "and syncs them with a ContextFS-compatible server. Prefer these tools over the CLI: "
+    "contextfs_sync() syncs (push then pull; direction='push' or 'pull' for one way), "
+    "contextfs_sync_status() shows whether sync is set up, contextfs_save/search/list/delete manage "
+    "memories. When a tool reports that sync is disabled or no API key is configured, show the user "
+    "the command the message names; do not retry.")
+
+
+def _mcp_at_least(version: str, minimum: str) -> bool:
+    return MCP_PROTOCOL_VERSIONS.index(version) >= MCP_PROTOCOL_VERSIONS.index(minimum)
+
+
+def mcp_negotiate_version(requested: str) -> str:
+    """The protocol version to answer: the client's if we support it, else our newest."""
+    return requested if requested in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[-1]
+
+
+class McpError(Exception):
+    """A JSON-RPC error answer (code, message) for one request."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _rpc_error(req_id: Any, code: int, message: str) -> dict:
+    # ``id`` is the one field that stays null: JSON-RPC requires it when the id is unknown.
+    return {"jsonrpc": "2.0", "id": req_id, "error": {"code": code, "message": message}}
+
+
+def _drop_none(data: dict, deep: bool = False) -> dict:
+    """A copy without None values (MCP clients choke on null optional fields); ``deep`` for nested dicts."""
+    return {k: (_drop_none(v, deep) if deep and isinstance(v, dict) else v)
+            for k, v in data.items() if v is not None}
+
+
+# -- tool argument checking: the subset of JSON Schema our input schemas use ----------------
+
+_JSON_TYPES: Dict[str, Tuple[type, ...]] = {
+    "string": (str,), "boolean": (bool,), "integer": (int,), "object": (dict,), "array": (list,)}
+
+
+def _json_type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", dict: "an object", list: "an array"}.get(type(value), type(value).__name__)
+
+
+def mcp_check_arguments(tool: str, schema: dict, arguments: dict) -> dict:
+    """Validate tool arguments against the tool's input schema; return them with defaults filled.
+
+    Raises UsageError with one line naming the argument. A null counts as "not given", because
+    some clients send every optional argument, unset ones as null.
+    """
+    props: Dict[str, dict] = schema.get("properties", {})
+    unknown = sorted(set(arguments) - set(props))
+    if unknown and schema.get("additionalProperties") is False:
+        expected = ", ".join(props) or "none"
+        raise UsageError(f"Invalid arguments for {tool}: unknown argument {unknown[0]!r} (expected: {expected})")
+    values: Dict[str, Any] = {}
+    for name, spec in props.items():
+        value = arguments.get(name)
+        if value is None:
+            if name in schema.get("required", ()):
+                raise UsageError(f"Invalid arguments for {tool}: {name!r} is required")
+            values[name] = spec.get("default")
+        else:
+            values[name] = _check_value(f"Invalid arguments for {tool}: {name!r}", spec, value)
+    return values
+
+
+def _check_value(what: str, spec: dict, value: Any) -> Any:
+    kind = spec["type"]
+    if kind == "integer" and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 5.0 from a JSON encoder that writes every number as a float
+    if not isinstance(value, _JSON_TYPES[kind]) or (kind == "integer" and isinstance(value, bool)):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise UsageError(f"{what} must be {article} {kind}, got {_json_type_name(value)}")
+    if "enum" in spec and value not in spec["enum"]:
+        raise UsageError(f"{what} must be one of {', '.join(map(str, spec['enum']))}, not {value!r}")
+    if kind == "integer" and not spec.get("minimum", value) <= value <= spec.get("maximum", value):
+        raise UsageError(f"{what} must be between {spec['minimum']} and {spec['maximum']}, not {value}")
+    if kind == "string" and spec.get("minLength") and not value.strip():
+        raise UsageError(f"{what} must not be empty")
+    if kind == "array" and "items" in spec:
+        for item in value:
+            _check_value(f"{what} items", spec["items"], item)
+    return value
+
+
+# -- the tools -----------------------------------------------------------------------------
+
+_NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+_COUNTS_SCHEMA = {"type": "object", "additionalProperties": {"type": "integer"}}
+_STRINGS_SCHEMA = {"type": "array", "items": {"type": "string"}}
+_MEMORY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"}, "content": {"type": "string"}, "type": {"type": "string"},
+        "summary": {"type": "string"}, "tags": _STRINGS_SCHEMA, "metadata": {"type": "object"},
+        "created_at": {"type": "string"}, "updated_at": {"type": "string"},
+        "deleted_at": {"type": "string"}, "draft": {"type": "boolean"},
+        "expires_at": {"type": "string"}, "conflict_of": {"type": "string"},
+    },
+    "required": ["id", "content", "type", "tags"],
+}
+_SEARCH_HIT_SCHEMA = {
+    "type": "object",
+    "properties": dict(_MEMORY_SCHEMA["properties"], score={"type": "number"}, snippet={"type": "string"}),
+    "required": ["id", "content", "type", "score"],
+}
+
+_SYNC_INPUT = {
+    "type": "object",
+    "properties": {
+        "direction": {"type": "string", "enum": ["both", "push", "pull"], "default": "both",
+                      "description": "both = push local changes, then pull the cloud's; push or pull = one way"},
+        "push_all": {"type": "boolean", "default": False,
+                     "description": "push every memory, not only changed ones (repairs a server that lost data)"},
+        "force": {"type": "boolean", "default": False, "description": "overwrite the server's versions"},
+        "dry_run": {"type": "boolean", "default": False, "description": "only report what would be done"},
+    },
+    "additionalProperties": False,
+}
+_SYNC_OUTPUT = {
+    "type": "object",
+    "properties": {
+        "direction": {"type": "string"}, "dry_run": {"type": "boolean"},
+        "pushed": _COUNTS_SCHEMA, "pulled": _COUNTS_SCHEMA, "rejected": {"type": "integer"},
+        "conflicts": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "local_copy": {"type": "string"}}}},
+        "warnings": _STRINGS_SCHEMA, "summary": {"type": "string"},
+    },
+    "required": ["direction", "pushed", "pulled", "conflicts", "summary"],
+}
+_STATUS_OUTPUT = {
+    "type": "object",
+    "properties": {
+        "enabled": {"type": "boolean"}, "server_url": {"type": "string"}, "api_key": {"type": "string"},
+        "device_id": {"type": "string"}, "last_push_at": {"type": "string"},
+        "last_pull_at": {"type": "string"}, "pending_push": {"type": "integer"},
+        "conflicts": {"type": "integer"},
+    },
+    "required": ["enabled", "server_url"],
+}
+_SAVE_INPUT = {
+    "type": "object",
+    "properties": {
+        "content": {"type": "string", "minLength": 1, "description": "the memory text"},
+        "type": {"type": "string", "default": "fact",
+                 "description": f"memory type: {', '.join(MEMORY_TYPES)} (or your own)"},
+        "tags": dict(_STRINGS_SCHEMA, description="tags, e.g. [\"auth\", \"backend\"]"),
+        "summary": {"type": "string", "description": "one-line summary"},
+        "metadata": {"type": "object", "description": "extra JSON metadata"},
+        "draft": {"type": "boolean", "default": False, "description": "keep it local until published"},
+        "temporary": {"type": "boolean", "default": False,
+                      "description": "local-only memory that expires (never synced)"},
+        "ttl": {"type": "string", "description": "lifetime of a temporary memory: 30m, 1h, 7d (default 24h)"},
+    },
+    "required": ["content"],
+    "additionalProperties": False,
+}
+_SEARCH_INPUT = {
+    "type": "object",
+    "properties": {
+        "query": {"type": "string", "minLength": 1, "description": "words to look for"},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
+        "type": {"type": "string", "description": "only memories of this type"},
+    },
+    "required": ["query"],
+    "additionalProperties": False,
+}
+_SEARCH_OUTPUT = {
+    "type": "object",
+    "properties": {"query": {"type": "string"}, "count": {"type": "integer"},
+                   "results": {"type": "array", "items": _SEARCH_HIT_SCHEMA}},
+    "required": ["query", "count", "results"],
+}
+_LIST_INPUT = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "description": "only memories of this type"},
+        "tag": {"type": "string", "description": "only memories with this tag"},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+        "include_deleted": {"type": "boolean", "default": False},
+    },
+    "additionalProperties": False,
+}
+_LIST_OUTPUT = {
+    "type": "object",
+    "properties": {"count": {"type": "integer"}, "memories": {"type": "array", "items": _MEMORY_SCHEMA}},
+    "required": ["count", "memories"],
+}
+_DELETE_INPUT = {
+    "type": "object",
+    "properties": {"id": {"type": "string", "minLength": 1,
+                          "description": "memory id (or a unique prefix of 6+ characters)"}},
+    "required": ["id"],
+    "additionalProperties": False,
+}
+
+
+def _mcp_memory(memory: Memory) -> dict:
+    return _drop_none(memory_view(memory))
+
+
+def _mcp_sync(args: dict) -> Tuple[str, dict]:
+    report = cloud_sync(direction=args["direction"], push_all=args["push_all"], force=args["force"],
+                        dry_run=args["dry_run"])
+    lines = [f"Sync ({report.direction}): {report.summary()}"]
+    if report.rejected:
+        lines.append(f"{report.rejected} change(s) rejected by the server")
+    if report.conflicts:
+        lines.append("Conflicts: the cloud version won; your version is kept as the _local copy "
+                     "(see: contextfs cloud conflicts)")
+    lines += [f"warning: {w}" for w in report.warnings]
+    return "\n".join(lines), report.to_dict()
+
+
+def _mcp_sync_status(args: dict) -> Tuple[str, dict]:
+    status = _drop_none(cloud_status(), deep=True)
+    enabled = bool(status.get("enabled"))
+    lines = [f"Cloud sync: {'enabled' if enabled else 'disabled (enable: contextfs cloud configure --enabled)'}",
+             f"Server: {status.get('server_url')}",
+             f"API key: {status.get('api_key', '(none)')}"]
+    if status.get("api_key", "(none)") == "(none)":
+        lines[-1] += " (log in: contextfs cloud login)"
+    lines += [f"Device: {status.get('device_id')}",
+              f"Last push: {status.get('last_push_at', 'never')}",
+              f"Last pull: {status.get('last_pull_at', 'never')}",
+              f"Pending push: {status.get('pending_push', 0)}",
+              f"Conflicts: {status.get('conflicts', 0)}"]
+    remote = status.get("server")
+    if isinstance(remote, dict) and remote.get("error"):
+        lines.append(f"Server check: {remote['error']}")
+    elif isinstance(remote, dict):
+        lines.append("Server has: " + ", ".join(f"{v} {k.replace('_count', '').replace('_', ' ')}"
+                                                for k, v in remote.items() if k.endswith("_count")))
+    return "\n".join(lines), status
+
+
+def _mcp_save(args: dict) -> Tuple[str, dict]:
+    if args["ttl"] is not None and not args["temporary"]:
+        raise UsageError("Invalid arguments for contextfs_save: 'ttl' only applies with temporary=true")
+    ttl = parse_ttl(args["ttl"]) if args["ttl"] else (DEFAULT_TTL_SECONDS if args["temporary"] else None)
+    with open_store() as store:
+        memory = store.save(args["content"], type=args["type"], tags=args["tags"], summary=args["summary"],
+                            draft=args["draft"], ttl=ttl, metadata=args["metadata"])
+    note = " as a draft (not synced until published)" if memory.draft else (
+        f" as temporary until {memory.expires_at} (never synced)" if memory.expires_at else "")
+    return f"Saved {memory.id} [{memory.type}]{note}", _mcp_memory(memory)
+
+
+def _mcp_search(args: dict) -> Tuple[str, dict]:
+    with open_store() as store:
+        hits = search_memories(store, args["query"], limit=args["limit"], type=args["type"])
+    results = [dict(_mcp_memory(h.memory), score=round(h.score, 6), snippet=h.snippet) for h in hits]
+    text = "\n".join(f"{h.memory.id}  [{h.memory.type}] {_one_line(h.snippet, 200)}" for h in hits)
+    return text or f"No memories match {args['query']!r}", {
+        "query": args["query"], "count": len(results), "results": results}
+
+
+def _mcp_list(args: dict) -> Tuple[str, dict]:
+    with open_store() as store:
+        memories = store.list(type=args["type"], tag=args["tag"], limit=args["limit"],
+                              include_deleted=args["include_deleted"])
+    text = "\n".join(_memory_line(m) for m in memories) or "No memories yet"
+    return text, {"count": len(memories), "memories": [_mcp_memory(m) for m in memories]}
+
+
+def _mcp_delete(args: dict) -> Tuple[str, dict]:
+    with open_store() as store:
+        memory = store.delete(args["id"])
+    return f"Deleted {memory.id} (the delete syncs to your other devices)", _mcp_memory(memory)
+
+
+@dataclass
+class McpTool:
+    """One MCP tool: its schemas, hints, and the function that runs it (args -> text, data)."""
+
+    name: str
+    title: str
+    description: str
+    input_schema: dict
+    output_schema: dict
+    run: Callable[[dict], Tuple[str, dict]]
+    read_only: bool = False
+    destructive: bool = False
+    open_world: bool = False
+
+    def describe(self, version: str) -> dict:
+        """The tool as listed by ``tools/list`` for the negotiated protocol version."""
+        tool: Dict[str, Any] = {"name": self.name, "description": self.description,
+                                "inputSchema": self.input_schema}
+        if _mcp_at_least(version, "2025-03-26"):
+            tool["annotations"] = {"title": self.title, "readOnlyHint": self.read_only,
+                                   "destructiveHint": self.destructive, "idempotentHint": self.read_only,
+                                   "openWorldHint": self.open_world}
+        if _mcp_at_least(version, "2025-06-18"):  # title, outputSchema, structuredContent
+            tool["title"] = self.title
+            tool["outputSchema"] = self.output_schema
+        return tool
+
+
+MCP_TOOLS: Tuple[McpTool, ...] = (
+    McpTool("contextfs_sync", "Sync memories with the cloud",
+            "Sync this device's memories, relationships and session summaries with the ContextFS "
+            "server. direction='both' (default) pushes local changes then pulls the cloud's; "
+            "'push' or 'pull' go one way. push_all=true pushes every memory, not only changed ones. "
+            "On conflict the cloud version wins and the local one is kept with a _local suffix. "
+            "Drafts and temporary memories are never synced.",
+            _SYNC_INPUT, _SYNC_OUTPUT, _mcp_sync, open_world=True),
+    McpTool("contextfs_sync_status", "Cloud sync status",
+            "Show whether cloud sync is enabled and logged in, the server, this device, the last "
+            "push/pull and how many changes wait to be pushed.",
+            _NO_ARGUMENTS, _STATUS_OUTPUT, _mcp_sync_status, read_only=True, open_world=True),
+    McpTool("contextfs_save", "Save a memory",
+            "Save a memory (a fact, decision, procedure, error, ...) on this device; it syncs on the "
+            "next contextfs_sync unless it is a draft or temporary.",
+            _SAVE_INPUT, _MEMORY_SCHEMA, _mcp_save),
+    McpTool("contextfs_search", "Search memories",
+            "Search this device's memories by keywords (and meaning, when the semantic index is on).",
+            _SEARCH_INPUT, _SEARCH_OUTPUT, _mcp_search, read_only=True),
+    McpTool("contextfs_list", "List memories",
+            "List this device's memories, newest first, optionally by type or tag.",
+            _LIST_INPUT, _LIST_OUTPUT, _mcp_list, read_only=True),
+    McpTool("contextfs_delete", "Delete a memory",
+            "Delete a memory by id; the delete syncs to the other devices.",
+            _DELETE_INPUT, _MEMORY_SCHEMA, _mcp_delete, destructive=True),
+)
+
+
+def _mcp_log(message: str) -> None:
+    try:
+        sys.stderr.write(f"contextfs mcp: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # no stderr to log to: nothing else we can do
+
+
+class McpServer:
+    """One MCP session: turns JSON-RPC lines into answers written to ``out`` (a binary stream)."""
+
+    def __init__(self, out: Any, tools: Iterable[McpTool] = MCP_TOOLS,
+                 max_concurrent_calls: int = MCP_MAX_CONCURRENT_CALLS):
+        self.out = out
+        self.tools = {tool.name: tool for tool in tools}
+        self.protocol_version: Optional[str] = None
+        self.initialized = False
+        self.closed = False
+        self._write_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._call_slots = threading.BoundedSemaphore(max_concurrent_calls)
+        self._running: Dict[Any, bool] = {}  # id of a running tools/call -> cancelled?
+        self._workers: List[threading.Thread] = []
+        self._methods: Dict[str, Callable[[dict], dict]] = {
+            "initialize": self._initialize, "ping": lambda params: {},
+            "tools/list": self._tools_list, "tools/call": self._tools_call}
+
+    @property
+    def version(self) -> str:
+        """The negotiated protocol version (our newest until ``initialize``)."""
+        return self.protocol_version or MCP_PROTOCOL_VERSIONS[-1]
+
+    # -- transport -------------------------------------------------------------------------
+
+    def send(self, message: Any) -> None:
+        """Write one message as one line; ASCII-only JSON, so no byte can look like a line break."""
+        data = json.dumps(message, separators=(",", ":")).encode("ascii") + b"\n"
+        with self._write_lock:
+            if self.closed:
+                return
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (OSError, ValueError):  # the client closed our stdout: nobody is listening
+                self.closed = True
+
+    def feed(self, line: bytes) -> None:
+        """Handle one line from the client. Tool calls and batches run on worker threads."""
+        line = line.strip()
+        if not line:
+            return
+        try:
+            message = json.loads(line.decode("utf-8"), parse_constant=_reject_json_constant)
+        except ValueError as exc:  # also UnicodeDecodeError
+            self.send(_rpc_error(None, RPC_PARSE_ERROR, f"Parse error: {exc}"))
+            return
+        if isinstance(message, list):  # a JSON-RPC batch (2025-03-26 allows them)
+            if not message:
+                self.send(_rpc_error(None, RPC_INVALID_REQUEST, "Invalid Request: empty batch"))
+            else:
+                self._start_worker(self._run_batch, message)
+            return
+        req_id = message.get("id") if isinstance(message, dict) else None
+        if (isinstance(message, dict) and message.get("method") == "tools/call"
+                and isinstance(req_id, (str, int)) and not isinstance(req_id, bool)):
+            with self._state_lock:
+                self._running[req_id] = False
+            self._start_worker(self._run_call, message)
+            return
+        answer = self.handle(message)
+        if answer is not None:
+            self.send(answer)
+
+    def _start_worker(self, target: Callable[[Any], None], message: Any) -> None:
+        worker = threading.Thread(target=target, args=(message,), name="contextfs-mcp-call", daemon=True)
+        with self._state_lock:
+            self._workers = [w for w in self._workers if w.is_alive()]
+            self._workers.append(worker)
+        worker.start()
+
+    def _run_call(self, message: dict) -> None:
+        with self._call_slots:
+            answer = self.handle(message)
+        with self._state_lock:
+            cancelled = self._running.pop(message["id"], False)
+        if answer is not None and not cancelled:  # a cancelled request gets no answer (spec)
+            self.send(answer)
+
+    def _run_batch(self, messages: list) -> None:
+        with self._call_slots:
+            answers = [a for a in (self.handle(m) for m in messages) if a is not None]
+        if answers:
+            self.send(answers)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for running tool calls; True if none is left."""
+        deadline = time.monotonic() + timeout
+        with self._state_lock:
+            workers = list(self._workers)
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        return not any(w.is_alive() for w in workers)
+
+    # -- JSON-RPC --------------------------------------------------------------------------
+
+    def handle(self, message: Any) -> Optional[dict]:
+        """Answer one decoded message: a response dict, or None (notifications, responses)."""
+        if not isinstance(message, dict):
+            return _rpc_error(None, RPC_INVALID_REQUEST, "Invalid Request: a message must be a JSON object")
+        req_id = message.get("id")
+        id_ok = isinstance(req_id, (str, int)) and not isinstance(req_id, bool)
+        if "method" not in message and ("result" in message or "error" in message):
+            return None  # a response; we never send requests, so there is nothing to match it to
+        method = message.get("method")
+        problem = ("'jsonrpc' must be \"2.0\"" if message.get("jsonrpc") != "2.0" else
+                   "'method' must be a string" if not isinstance(method, str) else
+                   "'id' must be a string or an integer" if "id" in message and not id_ok else None)
+        if problem:
+            return _rpc_error(req_id if id_ok else None, RPC_INVALID_REQUEST, f"Invalid Request: {problem}")
+        params = message.get("params")
+        if "id" not in message:
+            self._notification(method, params)
+            return None
+        if params is not None and not isinstance(params, dict):
+            return _rpc_error(req_id, RPC_INVALID_PARAMS, "Invalid params: 'params' must be an object")
+        handler = self._methods.get(method)
+        if handler is None:
+            return _rpc_error(req_id, RPC_METHOD_NOT_FOUND, f"Method not found: {method}")
+        try:
+            result = handler(params or {})
+        except McpError as exc:
+            return _rpc_error(req_id, exc.code, exc.message)
+        except Exception as exc:  # a bug must cost one answer, never the session
+            import traceback
+
+            _mcp_log(f"internal error in {method}:\n{traceback.format_exc()}")
+            return _rpc_error(req_id, RPC_INTERNAL_ERROR, f"Internal error: {type(exc).__name__}: {exc}")
+        return {"jsonrpc": "2.0", "id": req_id, "result": result}
+
+    def _notification(self, method: str, params: Any) -> None:
+        if method == "notifications/initialized":
+            self.initialized = True
+        elif method == "notifications/cancelled" and isinstance(params, dict):
+            with self._state_lock:
+                if params.get("requestId") in self._running:
+                    self._running[params["requestId"]] = True
+        # Other notifications (progress, roots/list_changed, ...) need nothing from us.
+
+    def _initialize(self, params: dict) -> dict:
+        requested = params.get("protocolVersion")
+        if not isinstance(requested, str):
+            raise McpError(RPC_INVALID_PARAMS, "Invalid params: 'protocolVersion' must be a string")
+        version = mcp_negotiate_version(requested)
+        with self._state_lock:
+            self.protocol_version = version
+        info = {"name": MCP_SERVER_NAME, "version": __version__}
+        if _mcp_at_least(version, "2025-06-18"):
+            info["title"] = "contextfs memory sync"
+        return {"protocolVersion": version, "capabilities": {"tools": {"listChanged": False}},
+                "serverInfo": info, "instructions": MCP_INSTRUCTIONS}
+
+    def _tools_list(self, params: dict) -> dict:
+        if params.get("cursor") is not None:  # one page only: we never hand out a cursor
+            raise McpError(RPC_INVALID_PARAMS, "Invalid params: unknown cursor")
+        return {"tools": [tool.describe(self.version) for tool in self.tools.values()]}
+
+    def _tools_call(self, params: dict) -> dict:
+        name, arguments = params.get("name"), params.get("arguments")
+        if not isinstance(name, str):
+            raise McpError(RPC_INVALID_PARAMS, "Invalid params: 'name' must be a string")
+        tool = self.tools.get(name)
+        if tool is None:
+            raise McpError(RPC_INVALID_PARAMS, f"Unknown tool: {name}")
+        if arguments is not None and not isinstance(arguments, dict):
+            raise McpError(RPC_INVALID_PARAMS, "Invalid params: 'arguments' must be an object")
+        return self.call_tool(tool, arguments or {})
+
+    def call_tool(self, tool: McpTool, arguments: dict) -> dict:
+        """Run a tool: a result with text and structured content, or ``isError`` and one line."""
+        try:
+            text, data = tool.run(mcp_check_arguments(tool.name, tool.input_schema, arguments))
+        except ContextFSError as exc:
+            return _tool_error(exc.message)
+        except sqlite3.Error as exc:
+            return _tool_error(_store_error(contextfs_home() / "sync.db", exc).message)
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            return _tool_error(f"{exc.strerror or exc}{where}; nothing was lost")
+        except Exception as exc:  # a bug in a tool is reported to the model, not fatal to the server
+            import traceback
+
+            _mcp_log(f"internal error in tool {tool.name}:\n{traceback.format_exc()}")
+            return _tool_error(f"{tool.name} failed: {type(exc).__name__}: {exc}")
+        content = [{"type": "text", "text": text}]
+        if _mcp_at_least(self.version, "2025-06-18"):
+            return {"content": content, "structuredContent": data}
+        # Older clients have no structuredContent: give them the data as JSON text (spec advice).
+        content.append({"type": "text", "text": json.dumps(data, ensure_ascii=False)})
+        return {"content": content}
+
+
+def _tool_error(message: str) -> dict:
+    return {"content": [{"type": "text", "text": message}], "isError": True}
+
+
+def _reject_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class _McpShutdown(Exception):
+    """Raised in the main thread by SIGTERM to leave the blocking read."""
+
+
+def _claim_stdout() -> Any:
+    """A private binary handle on stdout for protocol messages; fd 1 and sys.stdout go to stderr."""
+    try:
+        sys.stdout.flush()
+        out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):  # no real file descriptors (embedded use)
+        out = sys.stdout.buffer
+    sys.stdout = sys.stderr
+    return out
+
+
+def serve_mcp() -> int:
+    """Run the MCP server on stdin/stdout until stdin ends or SIGTERM; returns the exit code."""
+    import signal
+
+    server = McpServer(_claim_stdout())
+    stdin = getattr(sys.stdin, "buffer", None)
+    if stdin is not None and stdin.isatty():
+        _mcp_log("waiting for an MCP client on stdin; your MCP client starts this command "
+                 "(see the README). Ctrl-D ends it.")
+    terminating = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if not terminating:  # raise once: a second signal during shutdown must not interrupt it
+            terminating.append(signum)
+            raise _McpShutdown()
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: the host process owns signal handling
+        pass
+    try:
+        while stdin is not None and not server.closed:
+            line = stdin.readline(MCP_MAX_MESSAGE_BYTES + 1)
+            if not line:
+                break  # EOF: the client is done with us
+            if len(line) > MCP_MAX_MESSAGE_BYTES and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):  # skip the rest of the oversized message
+                    line = stdin.readline(MCP_MAX_MESSAGE_BYTES)
+                server.send(_rpc_error(None, RPC_INVALID_REQUEST,
+                                       f"Invalid Request: message larger than {MCP_MAX_MESSAGE_BYTES} bytes"))
+                continue
+            server.feed(line)
+        server.wait(MCP_EXIT_GRACE_SECONDS)
+    except _McpShutdown:
+        server.wait(MCP_EXIT_GRACE_SECONDS)
+    # Running calls that did not finish in the grace time are daemon threads: they stop with the
+    # process. That is safe: the store commits in transactions and a sync resumes where it stopped.
+    return EXIT_OK
 
 
 # ---- 13. CLI -----------------------------------------------------------------------------
@@ -4403,8 +5035,20 @@ def _add_server_parsers(sub: Any, common: Any) -> None:
     sp.set_defaults(func=cmd_server_add_user)
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """contextfs mcp: serve the contextfs tools to an MCP client on stdin/stdout."""
+    return serve_mcp()
+
+
 def _add_mcp_parser(sub: Any, common: Any) -> None:
     """contextfs mcp (issue 5)."""
+    p = sub.add_parser(
+        "mcp", help="run the MCP server on stdin/stdout (Claude Code, Claude Desktop, Cursor, Codex, …)",
+        description="Serve contextfs_sync, contextfs_sync_status, contextfs_save, contextfs_search, "
+                    "contextfs_list and contextfs_delete to an MCP client over stdio. Your MCP client "
+                    "starts this command; you do not run it by hand. Environment: CONTEXTFS_HOME "
+                    "(which memory store), CONTEXTFS_SERVER_URL and CONTEXTFS_API_KEY (override config.toml).")
+    p.set_defaults(func=cmd_mcp)
 
 
 def run_demo(keep: bool = False) -> int:
