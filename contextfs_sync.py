@@ -42,6 +42,7 @@ __all__ = [
     "search_memories", "encrypt_content", "decrypt_content", "derive_passphrase_key",
     "CloudClient", "SyncEngine", "SyncReport", "cloud_sync", "cloud_status", "cloud_check",
     # reference server, CLI
+    "open_indexed_store", "index_status", "rebuild_index",
     "make_server", "server_add_user", "main",
 ]
 
@@ -1775,6 +1776,13 @@ def index_after_pull(store: Store, cfg: Config, upserted: List[str], deleted: Li
 
 def _warn_stderr(line: str) -> None:
     print(line, file=sys.stderr)
+
+
+def open_indexed_store(home: Optional[Path] = None) -> Store:
+    """Open the store with the semantic index following its local writes (CLI and MCP use this)."""
+    store = open_store(home)
+    attach_index(store)
+    return store
 
 
 def attach_index(store: Store, cfg: Optional[Config] = None,
@@ -4022,7 +4030,7 @@ def _mcp_save(args: dict) -> Tuple[str, dict]:
     if args["ttl"] is not None and not args["temporary"]:
         raise UsageError("Invalid arguments for contextfs_save: 'ttl' only applies with temporary=true")
     ttl = parse_ttl(args["ttl"]) if args["ttl"] else (DEFAULT_TTL_SECONDS if args["temporary"] else None)
-    with open_store() as store:
+    with open_indexed_store() as store:
         memory = store.save(args["content"], type=args["type"], tags=args["tags"], summary=args["summary"],
                             draft=args["draft"], ttl=ttl, metadata=args["metadata"])
     note = " as a draft (not synced until published)" if memory.draft else (
@@ -4031,7 +4039,7 @@ def _mcp_save(args: dict) -> Tuple[str, dict]:
 
 
 def _mcp_search(args: dict) -> Tuple[str, dict]:
-    with open_store() as store:
+    with open_indexed_store() as store:
         hits = search_memories(store, args["query"], limit=args["limit"], type=args["type"])
     results = [dict(_mcp_memory(h.memory), score=round(h.score, 6), snippet=h.snippet) for h in hits]
     text = "\n".join(f"{h.memory.id}  [{h.memory.type}] {_one_line(h.snippet, 200)}" for h in hits)
@@ -4040,7 +4048,7 @@ def _mcp_search(args: dict) -> Tuple[str, dict]:
 
 
 def _mcp_list(args: dict) -> Tuple[str, dict]:
-    with open_store() as store:
+    with open_indexed_store() as store:
         memories = store.list(type=args["type"], tag=args["tag"], limit=args["limit"],
                               include_deleted=args["include_deleted"])
     text = "\n".join(_memory_line(m) for m in memories) or "No memories yet"
@@ -4048,7 +4056,7 @@ def _mcp_list(args: dict) -> Tuple[str, dict]:
 
 
 def _mcp_delete(args: dict) -> Tuple[str, dict]:
-    with open_store() as store:
+    with open_indexed_store() as store:
         memory = store.delete(args["id"])
     return f"Deleted {memory.id} (the delete syncs to your other devices)", _mcp_memory(memory)
 
@@ -4415,9 +4423,7 @@ def _memory_line(memory: Memory) -> str:
 
 
 def _open(args: argparse.Namespace) -> Store:
-    store = open_store()
-    attach_index(store)  # local writes keep the semantic index in step
-    return store
+    return open_indexed_store()  # local writes keep the semantic index in step
 
 
 def cmd_save(args: argparse.Namespace) -> int:
