@@ -409,6 +409,28 @@ class Edge:
         )
 
 
+# Display forms shared by the CLI and the MCP server (both format with these).
+
+def memory_view(memory: Memory) -> dict:
+    """A memory as shown by ``--json`` (no sync internals beyond dirty/conflict)."""
+    view = memory.to_wire()
+    view.update(draft=memory.draft, expires_at=memory.expires_at, conflict_of=memory.conflict_of,
+                dirty=memory.dirty)
+    return view
+
+
+def _one_line(text: Optional[str], width: int = 72) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _memory_line(memory: Memory) -> str:
+    flags = "".join([" (draft)" if memory.draft else "", " (temporary)" if memory.expires_at else "",
+                     f" (conflict copy of {memory.conflict_of})" if memory.conflict_of else "",
+                     " (deleted)" if memory.deleted_at else ""])
+    return f"{memory.id}  [{memory.type}] {_one_line(memory.summary or memory.content)}{flags}"
+
+
 # ---- 4. pure sync logic ------------------------------------------------------------------
 # Plain functions on plain data: no I/O. The sync engine (section 10) asks these what to do.
 
@@ -4400,26 +4422,6 @@ def _split_tags(text: Optional[str]) -> Optional[List[str]]:
     if text is None:
         return None
     return [t for t in (p.strip() for p in text.split(",")) if t]
-
-
-def memory_view(memory: Memory) -> dict:
-    """A memory as shown by ``--json`` (no sync internals beyond dirty/conflict)."""
-    view = memory.to_wire()
-    view.update(draft=memory.draft, expires_at=memory.expires_at, conflict_of=memory.conflict_of,
-                dirty=memory.dirty)
-    return view
-
-
-def _one_line(text: Optional[str], width: int = 72) -> str:
-    flat = " ".join((text or "").split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def _memory_line(memory: Memory) -> str:
-    flags = "".join([" (draft)" if memory.draft else "", " (temporary)" if memory.expires_at else "",
-                     f" (conflict copy of {memory.conflict_of})" if memory.conflict_of else "",
-                     " (deleted)" if memory.deleted_at else ""])
-    return f"{memory.id}  [{memory.type}] {_one_line(memory.summary or memory.content)}{flags}"
 
 
 def _open(args: argparse.Namespace) -> Store:

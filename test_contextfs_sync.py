@@ -1801,6 +1801,35 @@ def test_wrong_key_and_server_down_are_one_line_errors(tmp_path, live_server):
     assert cli_json(home, "list")[0]["content"] == "precious"
 
 
+def test_login_with_email_and_password_then_logout(tmp_path, live_server):
+    live_server.add_user("carol@example.com", password="s3cret-pass")
+    home = tmp_path / "dev"
+    proc = run_cli(home, "cloud", "login", "--email", "carol@example.com", "--password-stdin",
+                   "--server", live_server.url, input="s3cret-pass\n", check=0)
+    assert "Logged in to" in proc.stdout and "carol@example.com" in proc.stdout
+    assert "Next: contextfs cloud configure --enabled" in proc.stdout
+    key = cfs.load_config(home).api_key
+    assert key.startswith("ctxfs_") and key not in proc.stdout
+    assert stat.S_IMODE((home / "config.toml").stat().st_mode) == 0o600
+    proc = run_cli(tmp_path / "other", "cloud", "login", "--email", "carol@example.com", "--password-stdin",
+                   "--server", live_server.url, input="wrong\n")
+    assert proc.returncode == 3 and proc.stderr.strip() == "Invalid email or password"
+    assert not (tmp_path / "other" / "config.toml").exists()
+    run_cli(home, "cloud", "configure", "--enabled", check=0)
+    cli_json(home, "save", "synced after an email login")
+    assert sync(home)["pushed"]["memories"] == 1
+    assert "Logged out" in run_cli(home, "cloud", "logout", check=0).stdout
+    proc = run_cli(home, "cloud", "sync")
+    assert proc.returncode == 3 and proc.stderr.strip() == "No API key configured. Run: contextfs cloud login"
+
+
+def test_login_reads_a_piped_key_from_stdin(tmp_path, live_server):
+    key = live_server.add_user("dave@example.com")
+    home = tmp_path / "dev"
+    run_cli(home, "cloud", "login", "--server", live_server.url, input=key + "\n", check=0)
+    assert cfs.load_config(home).api_key == key
+
+
 def test_plain_http_to_a_remote_host_is_refused(tmp_path):
     proc = run_cli(tmp_path / "h", "cloud", "configure", "--server-url", "http://sync.example.com")
     assert proc.returncode == 1 and "--insecure" in proc.stderr
