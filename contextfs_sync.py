@@ -1427,6 +1427,7 @@ def open_store(home: Optional[Path] = None) -> Store:
 
 INDEX_DIRNAME = "chroma"
 INDEX_COLLECTION = "memories"
+INDEX_SEARCH_EF = 200
 INDEX_BATCH = 256                     # memories read, embedded and upserted per step
 INDEX_STALE_KEY = "index_stale"       # sync_state: why the index needs a rebuild
 SEMANTIC_HINT = "pip install 'contextfs-sync[semantic]'"
@@ -1635,7 +1636,10 @@ class SemanticIndex:
                 path=str(self.path), settings=Settings(anonymized_telemetry=False))
             self._collection = self._client.get_or_create_collection(
                 INDEX_COLLECTION, embedding_function=None,
-                metadata={"hnsw:space": "cosine", "embedder": self.embedder.model_id})
+                metadata={"hnsw:space": "cosine", "embedder": self.embedder.model_id,
+                          # HNSW is approximate and built on several threads: a wide search
+                          # beam keeps recall ~1 at memory-store sizes (the default ef is 10).
+                          "hnsw:search_ef": INDEX_SEARCH_EF, "hnsw:construction_ef": INDEX_SEARCH_EF})
         return self._collection
 
     def _run(self, operation: Callable[[Any], Any]) -> Any:
