@@ -1587,3 +1587,269 @@ class RecordingProxy:
 
 # ---- tests: reliability and security -------------------------------------------------------
 # (issue 7)
+# Faults, kill -9, convergence, concurrency, mass deletes, hostile input. Figures go to
+# README-reliability-section.md; longer runs: CONTEXTFS_SOAK=1 and benchmarks/soak_kill.py.
+import collections as _collections
+import random as _random
+
+SOAK = os.environ.get("CONTEXTFS_SOAK", "") not in ("", "0")
+
+
+class FaultProxy:
+    """A seeded fault-injecting HTTP proxy on 127.0.0.1 in front of a real server.
+
+    Each request draws from ``random.Random(seed)`` whether to fail (probability ``rate``) and
+    how: ``drop`` (close before forwarding), ``drop_after`` (forward, then close: the server
+    did the work, the client never hears), ``500``/``502``/``503``, ``429`` with Retry-After,
+    ``stall`` (forward, then hang past the client's read timeout), ``truncate`` (half the JSON
+    with a matching Content-Length) and ``cut`` (full Content-Length, half the body, close).
+    ``script`` forces the faults of the first requests. ``hook(n, path, phase)`` runs when
+    request n is ``received`` and when it is ``answered``: kill trials use it to SIGKILL a
+    client at an exact point of the protocol.
+    """
+
+    FAULTS = ("drop", "drop_after", "500", "502", "503", "429", "stall", "truncate", "cut")
+
+    def __init__(self, upstream, seed=0, rate=0.0, faults=FAULTS, script=(), stall=1.5,
+                 retry_after="1", hook=None):
+        import http.server
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        self.upstream = (target.hostname, target.port)
+        self.rng = _random.Random(seed)
+        self.rate, self.faults, self.script = rate, tuple(faults), list(script)
+        self.stall, self.retry_after, self.hook = stall, retry_after, hook
+        self.lock = _threading.Lock()
+        self.count = 0
+        self.log = []  # (n, path, fault or None)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms ACK stalls
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, status, data, headers=(), length=None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data) if length is None else length))
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                n, fault = proxy._draw(self.path)
+                proxy._call_hook(n, self.path, "received")
+                if fault == "drop":
+                    self.close_connection = True
+                    return
+                if fault in ("500", "502", "503", "429"):
+                    extra = [("Retry-After", proxy.retry_after)] if fault == "429" else []
+                    self._send(int(fault), b'{"detail":"injected fault"}', extra)
+                    return
+                status, headers, data = proxy._forward(self.command, self.path, self.headers, body)
+                if fault in ("drop_after", "stall"):
+                    if fault == "stall":
+                        _time.sleep(proxy.stall)
+                    self.close_connection = True
+                    return
+                if fault == "truncate":
+                    self._send(status, data[: len(data) // 2], headers)
+                elif fault == "cut":
+                    self._send(status, data[: len(data) // 2], headers, length=len(data))
+                    self.close_connection = True
+                else:
+                    self._send(status, data, headers)
+                proxy._call_hook(n, self.path, "answered")
+
+            do_GET = do_POST = _handle
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = _threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _draw(self, path):
+        with self.lock:
+            self.count += 1
+            if self.script:
+                fault = self.script.pop(0)
+            elif self.rate and self.rng.random() < self.rate:
+                fault = self.rng.choice(self.faults)
+            else:
+                fault = None
+            self.log.append((self.count, path, fault))
+            return self.count, fault
+
+    def _call_hook(self, n, path, phase):
+        if self.hook is not None:
+            self.hook(n, path, phase)
+
+    def _forward(self, method, path, headers, body):
+        import http.client
+
+        conn = http.client.HTTPConnection(*self.upstream, timeout=60)
+        try:
+            keep = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection")}
+            conn.request(method, path, body=body or None, headers=keep)
+            response = conn.getresponse()
+            data = response.read()
+            extra = [(k, v) for k, v in response.getheaders() if k.lower() == "retry-after"]
+            return response.status, extra, data
+        finally:
+            conn.close()
+
+    def faults_injected(self):
+        """{fault: count} of what was injected so far."""
+        return dict(_collections.Counter(f for _n, _p, f in self.log if f))
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def rel_server(tmp_path_factory):
+    """One reference server (subprocess) shared by the reliability tests; each uses its own user."""
+    server = LiveServer(tmp_path_factory.mktemp("rel") / "server-data")
+    yield server
+    server.stop()
+
+
+def device_home(root, name, url, key, **cloud):
+    """A device home whose config points at `url` (written with the library: no subprocess)."""
+    cfg = cfs.Config(home=Path(root) / name)
+    cfg.data = {"cloud": dict({"enabled": True, "server_url": url, "api_key": key}, **cloud),
+                "index": {"embedder": "none"}}
+    cfs.save_config(cfg)
+    return cfg.home
+
+
+def new_user(server):
+    return server.add_user(f"user-{uuid.uuid4().hex[:10]}@example.com")
+
+
+def engine_sync(home, direction="both", timeout=0.5, waits=None, force=False):
+    """An in-process sync with a short read timeout; backoff waits are recorded and shortened."""
+    cfg = cfs.load_config(home)
+
+    def sleep(seconds):
+        if waits is not None:
+            waits.append(seconds)
+        _time.sleep(min(seconds, 0.02))
+
+    client = cfs.CloudClient(cfg.server_url, cfg.api_key, timeout=timeout, sleep=sleep)
+    with cfs.SyncLock(cfg.home), cfs.open_store(cfg.home) as store, client:
+        return cfs.SyncEngine(store, client, cfg).run(direction, force=force)
+
+
+def local_memories(home, where="1 = 1"):
+    """{id: row dict} of a device's memories (read with plain sqlite3)."""
+    with sqlite3.connect(Path(home) / "sync.db") as db:
+        db.row_factory = sqlite3.Row
+        rows = db.execute(f"SELECT * FROM memories WHERE {where}").fetchall()
+    db.close()
+    return {r["id"]: dict(r) for r in rows}
+
+
+def integrity(home):
+    db = sqlite3.connect(Path(home) / "sync.db")
+    try:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_sync_under_seeded_faults_completes_or_stops_cleanly_then_converges(rel_server, tmp_path, monkeypatch):
+    seed, rounds = (7, 300) if SOAK else (7, 40)
+    monkeypatch.setattr(cfs, "PUSH_BATCH_ITEMS", 8)   # more requests per sync: more places to fail
+    monkeypatch.setattr(cfs, "PULL_PAGE_SIZE", 12)
+    key = new_user(rel_server)
+    proxy = FaultProxy(rel_server.url, seed=seed, rate=0.45, stall=0.8)
+    homes = [device_home(tmp_path, f"d{i}", proxy.url, key) for i in range(2)]
+    rng = _random.Random(seed)
+    expected = {}                         # id -> [owner, content or None when deleted]
+    waits, outcomes = [], _collections.Counter()
+    try:
+        for step in range(rounds):
+            owner = rng.randrange(2)
+            with cfs.open_store(homes[owner]) as store:
+                for _ in range(rng.randint(1, 25)):
+                    m = store.save(f"fault round {step} {uuid.uuid4().hex}")
+                    expected[m.id] = [owner, m.content]
+                mine = sorted(i for i, (o, c) in expected.items() if o == owner and c is not None)
+                for mid in rng.sample(mine, min(len(mine), rng.randint(0, 4))):
+                    expected[mid][1] = store.edit(mid, content=f"edited {step} {uuid.uuid4().hex}").content
+                if mine and rng.random() < 0.3:
+                    gone = rng.choice(mine)
+                    store.delete(gone)
+                    expected[gone][1] = None
+            try:
+                engine_sync(homes[owner], rng.choice(["both", "push", "pull"]), waits=waits)
+                outcomes["completed"] += 1
+            except cfs.ContextFSError as exc:
+                # A sync that gives up says so in one line, names the cause, and loses nothing.
+                assert isinstance(exc, cfs.ServerError) and "\n" not in str(exc), repr(exc)
+                assert "Cannot sync with" in str(exc) and "nothing was lost" in str(exc)
+                outcomes["stopped"] += 1
+        injected = proxy.faults_injected()
+        proxy.rate = 0.0
+        for home in homes + homes:
+            engine_sync(home)
+    finally:
+        proxy.stop()
+    live = {i: c for i, (_o, c) in expected.items() if c is not None}
+    on_server = server_memories(rel_server, key)
+    assert set(on_server) == set(expected)                      # nothing lost, nothing extra
+    assert {i: m["content"] for i, m in on_server.items() if not m["deleted_at"]} == live
+    for home in homes:
+        rows = local_memories(home)
+        assert {i: r["content"] for i, r in rows.items() if not r["deleted_at"]} == live
+        assert not [i for i in rows if "_local" in i] and not [r for r in rows.values() if r["dirty"]]
+        assert integrity(home) == "ok"
+    assert len(set(live.values())) == len(live)                 # no duplicated memories
+    assert set(injected) == set(FaultProxy.FAULTS), injected   # every kind of fault was tried
+    assert outcomes["completed"] > 0
+    if injected.get("429"):
+        assert 1.0 in waits                                      # Retry-After was honoured
+    print(f"\nfaults: {sum(injected.values())} injected in {proxy.count} requests {injected}; "
+          f"syncs: {dict(outcomes)}; memories: {len(expected)}; lost 0, duplicated 0")
+
+
+def test_cli_sync_retries_through_a_burst_of_faults(rel_server, tmp_path):
+    key = new_user(rel_server)
+    proxy = FaultProxy(rel_server.url, script=["503", "drop", "truncate", "429"], retry_after="0")
+    try:
+        home = device_home(tmp_path, "dev", proxy.url, key)
+        ids = {cli_json(home, "save", f"survives faults {i}")["id"] for i in range(3)}
+        report = sync(home)
+        assert report["pushed"]["memories"] == 3
+        assert [f for _n, _p, f in proxy.log[:5]] == ["503", "drop", "truncate", "429", None]
+    finally:
+        proxy.stop()
+    assert set(server_memories(rel_server, key)) == ids
+
+
+def test_cli_sync_stops_with_one_clear_line_when_faults_persist(rel_server, tmp_path):
+    key = new_user(rel_server)
+    proxy = FaultProxy(rel_server.url, rate=1.0, faults=("502", "cut"), seed=3)
+    try:
+        home = device_home(tmp_path, "dev", proxy.url, key)
+        saved = cli_json(home, "save", "written while the server is failing")
+        proc = run_cli(home, "cloud", "sync")
+        assert proc.returncode == 1 and proc.stdout == ""
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Cannot sync with {proxy.url}:"), proc.stderr
+        assert "after 5 tries" in lines[0] and "nothing was lost" in lines[0] and key not in proc.stderr
+        assert cli_json(home, "show", saved["id"])["dirty"] is True
+        proxy.rate = 0.0
+        assert sync(home)["pushed"]["memories"] == 1
+    finally:
+        proxy.stop()
+    assert server_memories(rel_server, key)[saved["id"]]["content"] == saved["content"]
