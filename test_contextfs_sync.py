@@ -1669,8 +1669,14 @@ class FaultProxy:
 
             do_GET = do_POST = _handle
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                if not isinstance(sys.exc_info()[1], ConnectionError):  # a killed client: expected
+                    super().handle_error(request, client_address)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = _threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -1853,3 +1859,182 @@ def test_cli_sync_stops_with_one_clear_line_when_faults_persist(rel_server, tmp_
     finally:
         proxy.stop()
     assert server_memories(rel_server, key)[saved["id"]]["content"] == saved["content"]
+
+
+class KillTrials:
+    """Seeded ``kill -9`` trials of the real ``contextfs cloud sync`` process, mid-push and mid-pull.
+
+    Two devices share one account on a server behind a (fault-free) FaultProxy. Before each
+    trial the device under test writes memories in one library transaction (the pusher many,
+    with edits, deletes, a session and links; the puller a few); then its sync is SIGKILLed at
+    a seeded point: while the proxy holds its Nth request, just after the proxy answered it
+    (+0-30 ms: the client is applying or settling), or after a seeded delay. Afterwards its
+    sync.db must pass ``PRAGMA integrity_check``, the next sync must complete, and every memory
+    written before the kill must be on that device as written; the other device's pull proves
+    the server has them. Used by the suite and by benchmarks/soak_kill.py.
+    """
+
+    def __init__(self, root, server, seed, sizes=(150, 1400)):
+        self.root, self.server, self.sizes = Path(root), server, sizes
+        self.rng = _random.Random(seed)
+        self.key = new_user(server)
+        self.proxy = FaultProxy(server.url, hook=self._hook)
+        self.homes = {side: device_home(self.root, side, self.proxy.url, self.key) for side in ("push", "pull")}
+        self.expected = {}        # memory id -> content, or None once deleted
+        self.sessions, self.edges = set(), set()
+        self.results = []
+        self._target = None       # (request number, phase, delay)
+        self._proc = None
+
+    def _hook(self, n, path, phase):
+        target = self._target
+        if target and target[:2] == (n, phase):
+            self._target = None
+            if target[3]:  # a timer started by the first request: lands anywhere in the sync
+                _threading.Timer(target[2], self._kill, (self._proc,)).start()
+            else:
+                _time.sleep(target[2])
+                self._kill(self._proc)
+
+    @staticmethod
+    def _kill(proc):
+        if proc.poll() is None:
+            with cfs._suppress(ProcessLookupError):
+                proc.send_signal(_signal.SIGKILL)
+
+    def _write(self, side, number):
+        """Local writes before the sync; returns how many memories changed."""
+        rng = self.rng
+        with cfs.open_store(self.homes[side]) as store, store.transaction():
+            count = rng.randint(*self.sizes) if side == "push" else rng.randint(1, 40)
+            session = store.session_start(label=f"trial {number}") if side == "push" else None
+            new = [store.save(f"trial {number} {side} {i} {uuid.uuid4().hex}", tags=["kill"]) for i in range(count)]
+            for m in new:
+                self.expected[m.id] = m.content
+            changed = count
+            if side == "push":
+                # Only what this device already has (the other device's latest writes arrive with this sync).
+                live = sorted(i for i, c in self.expected.items() if c is not None
+                              and i not in {m.id for m in new} and store.get_row("memory", i) is not None)
+                for mid in rng.sample(live, min(len(live), rng.randint(0, 30))):
+                    self.expected[mid] = store.edit(mid, content=f"edited in trial {number} {uuid.uuid4().hex}").content
+                    changed += 1
+                for mid in rng.sample(live, min(len(live), rng.randint(0, 8))):
+                    if self.expected[mid] is not None:
+                        store.delete(mid)
+                        self.expected[mid] = None
+                        changed += 1
+                for a, b in zip(new[:5], new[1:6]):
+                    self.edges.add(store.link(a.id, b.id, "follows").id)
+                store.session_end(summary=f"trial {number} wrote {count} memories")
+                self.sessions.add(session.id)
+        return changed
+
+    def trial(self, number, side):
+        """One trial (side push, pull, or fresh: a new device's first, many-page pull)."""
+        rng = self.rng
+        if side == "fresh":
+            home = device_home(self.root, f"fresh-{number}", self.proxy.url, self.key)
+            written = 0
+            # register, then at least one page per PULL_PAGE_SIZE rows
+            floor = 1 + max(1, len(self.expected) // cfs.PULL_PAGE_SIZE)
+        else:
+            home = self.homes[side]
+            written = self._write(side, number)
+            with sqlite3.connect(home / "sync.db") as db:
+                dirty = db.execute("SELECT count(*) FROM memories WHERE dirty = 1").fetchone()[0]
+            db.close()
+            # At least this many requests: pushes of 500 rows, then one pull page or more.
+            floor = (-(-dirty // cfs.PUSH_BATCH_ITEMS) if dirty else 0) + 1
+        trigger = rng.choice(["received", "answered", "answered", "timer"])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
+        env["CONTEXTFS_HOME"] = str(home)
+        base = self.proxy.count
+        nth = 1 if trigger == "timer" else rng.randint(1, floor)
+        delay = {"received": 0.0, "answered": rng.uniform(0, 0.03), "timer": rng.uniform(0.005, 0.1)}[trigger]
+        self._target = (base + nth, "received" if trigger == "timer" else trigger, delay, trigger == "timer")
+        self._proc = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _stderr = self._proc.communicate(timeout=120)[1]
+        self._target = None
+        killed = self._proc.returncode == -_signal.SIGKILL
+        at = next((p for n, p, _f in self.proxy.log if n == base + nth), None) if trigger != "timer" else None
+        if trigger == "timer":
+            trigger = f"timer {delay * 1000:.0f} ms"
+        requests_before_kill = self.proxy.count - base
+        problems = []
+        if not killed and self._proc.returncode != 0:
+            problems.append(f"sync exited {self._proc.returncode}: {_stderr.strip()}")
+        check = integrity(home)
+        if check != "ok":
+            problems.append(f"integrity_check: {check}")
+        finish = run_cli(home, "cloud", "sync", "--json")
+        if finish.returncode != 0:
+            problems.append(f"next sync failed: {finish.stderr.strip()}")
+        problems += self.verify(home)
+        result = {"trial": number, "side": side, "trigger": trigger if "timer" in trigger else f"{trigger} #{nth}",
+                  "at": at or "-", "killed": killed, "written": written, "requests": requests_before_kill,
+                  "integrity": check, "problems": problems}
+        self.results.append(result)
+        return result
+
+    def verify(self, home, pending_ok=False):
+        """Every memory written so far is on this device as written; nothing pending, no copies."""
+        rows = local_memories(home)
+        problems = []
+        lost = [i for i, c in self.expected.items() if i not in rows or
+                (rows[i]["content"] if not rows[i]["deleted_at"] else None) != (c if c is not None else None)
+                and not (c is None and rows[i]["deleted_at"])]
+        if lost:
+            problems.append(f"{len(lost)} memories lost or stale, e.g. {lost[:3]}")
+        extra = sorted(set(rows) - set(self.expected))
+        if extra:
+            problems.append(f"{len(extra)} unexpected rows (duplicates or conflict copies), e.g. {extra[:3]}")
+        if not pending_ok and any(r["dirty"] for r in rows.values()):
+            problems.append("rows still dirty after a completed sync")
+        return problems
+
+    def final_check(self):
+        """Both devices converge with the server; the server holds exactly what was written."""
+        problems = []
+        for side in ("push", "pull", "push"):
+            proc = run_cli(self.homes[side], "cloud", "sync", "--json")
+            if proc.returncode != 0:
+                problems.append(f"final sync of {side} failed: {proc.stderr.strip()}")
+        for side in ("push", "pull"):
+            problems += [f"{side}: {p}" for p in self.verify(self.homes[side])]
+        on_server = server_memories(self.server, self.key)
+        got = {i: (None if m["deleted_at"] else m["content"]) for i, m in on_server.items()}
+        if got != self.expected:
+            missing = [i for i in self.expected if got.get(i, "missing") != self.expected[i]]
+            problems.append(f"server differs: {len(missing)} wrong or missing, {len(set(got) - set(self.expected))} extra")
+        for side in ("push", "pull"):
+            with sqlite3.connect(self.homes[side] / "sync.db") as db:
+                sessions = {r[0] for r in db.execute("SELECT id FROM sessions WHERE summary IS NOT NULL")}
+                edges = {r[0] for r in db.execute("SELECT id FROM edges WHERE deleted_at IS NULL")}
+            db.close()
+            if sessions != self.sessions or edges != self.edges:
+                problems.append(f"{side}: sessions or links differ")
+        return problems
+
+    def stop(self):
+        self.proxy.stop()
+
+
+def test_kill_9_during_push_and_pull_loses_nothing(rel_server, tmp_path):
+    trials = KillTrials(tmp_path, rel_server, seed=11)
+    try:
+        for number in range(36):
+            side = "fresh" if number in (17, 35) else ("push" if number % 2 == 0 else "pull")
+            result = trials.trial(number, side)
+            assert not result["problems"], result
+        final = trials.final_check()
+    finally:
+        trials.stop()
+    assert not final, final
+    killed = [r for r in trials.results if r["killed"]]
+    assert len(killed) >= 30, [(r["trigger"], r["killed"]) for r in trials.results]
+    assert {r["side"] for r in killed} == {"push", "pull", "fresh"}
+    assert {"/api/sync/push", "/api/sync/pull"} <= {r["at"] for r in killed}
+    print(f"\nkill -9: {len(trials.results)} trials, {len(killed)} killed mid-sync, "
+          f"{len(trials.expected)} memories, integrity ok, lost 0")
