@@ -2063,9 +2063,11 @@ class SyncEngine:
                             report.conflicts.append((cloud.id, f"{cloud.id}_local"))
                         continue
                     if verdict == APPLY_SETTLE:
-                        local.vector_clock = clock_merge(local.vector_clock, cloud.vector_clock)
-                        local.dirty = False
-                        writes.append(local)
+                        # Same data: take the cloud's row and clock as they are. A merged clock the
+                        # server never saw (concurrent equal writes, e.g. two deletes) would leave
+                        # this row clean but different from the server's for good.
+                        cloud.dirty, cloud.seq = False, 0
+                        writes.append(cloud)
                         continue
                     if verdict == APPLY_CONFLICT and kind != "edge" and not local.deleted_at:
                         # Cloud wins under the id; the local version is kept as <id>_local, never pushed

@@ -2038,3 +2038,198 @@ def test_kill_9_during_push_and_pull_loses_nothing(rel_server, tmp_path):
     assert {"/api/sync/push", "/api/sync/pull"} <= {r["at"] for r in killed}
     print(f"\nkill -9: {len(trials.results)} trials, {len(killed)} killed mid-sync, "
           f"{len(trials.expected)} memories, integrity ok, lost 0")
+
+
+def run_convergence(root, server, seed, steps, devices=3):
+    """Seeded random operations on `devices` devices with random syncs; returns (stats, problems).
+
+    Every local write (memory text or session summary) is recorded as the device's *head* for
+    that row until a later local write replaces it; when a pull turns a dirty row into a
+    ``_local`` conflict copy, the head moves to the copy. After a final round of syncs each
+    head must survive: local-only heads (drafts, copies) as written on their device, the
+    others in the server's row, whose clock must equal or dominate the head's (equal clock =
+    same text). A delete may lose to a concurrent edit (no text is lost). Every device must
+    then equal the server: memories, sessions and links, fields and clocks, nothing dirty.
+    """
+    rng = _random.Random(seed)
+    key = new_user(server)
+    homes = [device_home(root, f"dev{i}", server.url, key) for i in range(devices)]
+    heads = {}          # (device, kind, id) -> {"content", "clock", "deleted", "local_only"}
+    stats = _collections.Counter()
+    problems = []
+
+    def record(d, kind, obj, local_only=False):
+        text = obj.content if kind == "memory" else obj.summary
+        heads[(d, kind, obj.id)] = {"content": text, "clock": dict(obj.vector_clock),
+                                    "deleted": obj.deleted_at is not None,
+                                    "local_only": local_only or (kind == "memory" and obj.local_only)}
+
+    def text():
+        return f"step {stats['steps']} {rng.choice(['uv', 'pip', 'ruff', 'pytest', 'sqlite'])} {uuid.uuid4().hex[:8]}"
+
+    def do_sync(d, store_closed_home, direction):
+        try:
+            report = cfs.cloud_sync(store_closed_home, direction)
+        except cfs.MassDeleteError:
+            stats["mass_delete_confirmed"] += 1
+            report = cfs.cloud_sync(store_closed_home, "pull", force=True)
+        stats[f"sync_{direction}"] += 1
+        with cfs.open_store(store_closed_home) as store:
+            for original, copy in report.conflicts:
+                kind = "memory" if store.get_row("memory", copy) is not None else "session"
+                head = heads.pop((d, kind, original), None)
+                if head is None:
+                    problems.append(f"step {stats['steps']}: conflict on {original} with no local write")
+                    continue
+                heads[(d, kind, copy)] = dict(head, local_only=True)
+                stats["conflict_copies"] += 1
+        return report
+
+    ops = ["save"] * 18 + ["draft"] * 4 + ["publish"] * 3 + ["edit"] * 22 + ["delete"] * 6 + \
+        ["link"] * 7 + ["unlink"] * 2 + ["session"] * 6 + ["resolve"] * 4 + ["sync"] * 28
+    for step in range(steps):
+        stats["steps"] = step
+        d = rng.randrange(devices)
+        op = rng.choice(ops)
+        if op == "sync":
+            do_sync(d, homes[d], rng.choice(["push", "pull", "both", "both"]))
+            continue
+        with cfs.open_store(homes[d]) as store:
+            live = store.list(limit=100_000)
+            normal = [m for m in live if not m.local_only]
+            if op in ("save", "draft"):
+                record(d, "memory", store.save(text(), tags=rng.sample(["a", "b", "c"], rng.randint(0, 2)),
+                                               draft=op == "draft"))
+            elif op == "edit" and live:
+                m = rng.choice(live)
+                record(d, "memory", store.edit(m.id, content=text()))
+            elif op == "delete" and live:
+                record(d, "memory", store.delete(rng.choice(live).id))
+            elif op == "publish" and [m for m in live if m.draft]:
+                record(d, "memory", store.edit(rng.choice([m for m in live if m.draft]).id, publish=True))
+            elif op == "link" and len(normal) >= 2:
+                a, b = rng.sample(normal, 2)
+                store.link(a.id, b.id, rng.choice(["related_to", "caused_by"]), weight=rng.choice([0.5, 1.0]))
+            elif op == "unlink" and store.edges():
+                e = rng.choice(store.edges())
+                store.unlink(e.from_id, e.to_id, e.relation)
+            elif op == "session":
+                if store.state("current_session"):
+                    record(d, "session", store.session_end(summary=text()))
+                else:
+                    record(d, "session", store.session_start(label=f"dev{d}"))
+            elif op == "resolve" and store.conflicts():
+                copy = rng.choice(store.conflicts())
+                keep = rng.choice(["local", "cloud"])
+                heads.pop((d, "memory", copy.id), None)
+                winner = store.resolve_conflict(copy.id, keep)
+                if keep == "local":
+                    record(d, "memory", winner)
+                stats[f"resolved_{keep}"] += 1
+            else:
+                stats["noop"] += 1
+                continue
+        stats[op] += 1
+    stats["steps"] = steps
+
+    # Final round: sync every device until a whole round moves nothing.
+    for final_round in range(6):
+        moved = 0
+        for d in range(devices):
+            report = do_sync(d, homes[d], "both")
+            moved += sum(report.pushed.values()) + sum(report.pulled.values())
+        if moved == 0:
+            break
+    else:
+        problems.append("no convergence after 6 final rounds")
+    stats["final_rounds"] = final_round + 1
+
+    server_state = server_rows(server, key)
+    for (d, kind, row_id), head in heads.items():
+        if head["deleted"]:
+            continue
+        if head["local_only"]:
+            table = "memories" if kind == "memory" else "sessions"
+            with sqlite3.connect(homes[d] / "sync.db") as db:
+                row = db.execute(f"SELECT {'content' if kind == 'memory' else 'summary'}, deleted_at "
+                                 f"FROM {table} WHERE id = ?", (row_id,)).fetchone()
+            db.close()
+            if row is None or row[0] != head["content"] or row[1] is not None:
+                problems.append(f"dev{d}: local-only {kind} {row_id} lost its text")
+            continue
+        cloud = server_state.get(("memories" if kind == "memory" else "sessions", row_id))
+        if cloud is None:
+            problems.append(f"dev{d}: {kind} {row_id} never reached the server")
+            continue
+        order = cfs.clock_compare(cloud["vector_clock"], head["clock"])
+        cloud_text = cloud["content"] if kind == "memory" else cloud.get("summary")
+        if order not in ("equal", "after") or (order == "equal" and (cloud_text != head["content"]
+                                                                   or cloud["deleted_at"])):
+            problems.append(f"dev{d}: write to {kind} {row_id} lost (server {order}: {cloud_text!r} "
+                            f"vs local {head['content']!r})")
+    stats["heads_checked"] = len(heads)
+
+    def server_view(kind):
+        out = {}
+        for (k, row_id), obj in server_state.items():
+            if k == kind:
+                out[row_id] = _sync_fields(kind, obj, obj["vector_clock"])
+        return out
+
+    for d, home in enumerate(homes):
+        with sqlite3.connect(home / "sync.db") as db:
+            db.row_factory = sqlite3.Row
+            for kind, table in (("memories", "memories"), ("sessions", "sessions"), ("edges", "edges")):
+                where = cfs._PUSHABLE[{"memories": "memory", "sessions": "session", "edges": "edge"}[kind]]
+                rows = db.execute(f"SELECT * FROM {table} WHERE {where}").fetchall()
+                mine = {r["id"]: _sync_fields(kind, dict(r), json.loads(r["vector_clock"])) for r in rows}
+                if mine != server_view(kind):
+                    diff = sorted(set(mine.items()) ^ set(server_view(kind).items()))[:2]
+                    problems.append(f"dev{d}: {kind} differ from the server: {len(diff)} rows, e.g. {diff!r}")
+                if any(r["dirty"] for r in rows):
+                    problems.append(f"dev{d}: {kind} still dirty after the final round")
+        db.close()
+    stats["memories_on_server"] = sum(1 for k, _i in server_state if k == "memories")
+    return stats, problems
+
+
+def _sync_fields(kind, row, clock):
+    """The user-visible fields of a row or wire object, for comparing a device with the server."""
+    clock = tuple(sorted((k, v) for k, v in clock.items() if v))
+    tags = row.get("tags")
+    tags = tuple(json.loads(tags) if isinstance(tags, str) else tags or ())
+    if kind == "memories":
+        return (row["content"], bool(row["deleted_at"]), row["type"], tags, row.get("summary"), clock)
+    if kind == "sessions":
+        return (row.get("summary"), row.get("label"), bool(row.get("ended_at")), bool(row["deleted_at"]), clock)
+    return (float(row["weight"]), bool(row["deleted_at"]), clock)
+
+
+@pytest.mark.parametrize("seed", [1, 2] + ([3, 4, 5, 6] if SOAK else []))
+def test_three_devices_converge_and_no_local_edit_is_lost(rel_server, tmp_path, seed):
+    steps = 3000 if SOAK else 500
+    stats, problems = run_convergence(tmp_path, rel_server, seed, steps)
+    assert not problems, problems[:10]
+    assert stats["conflict_copies"] > 0 and stats["heads_checked"] > 50, stats
+    print(f"\nconvergence seed {seed}: {dict(stats)}")
+
+
+def test_concurrent_identical_deletes_settle_to_the_servers_row(rel_server, tmp_path):
+    # Found by the convergence test: the second device's delete conflicted on push, its pull
+    # saw the same data and settled under a merged clock the server never had, so the device
+    # stayed different from the server for good.
+    key = new_user(rel_server)
+    a, b = (device_home(tmp_path, name, rel_server.url, key) for name in ("a", "b"))
+    with cfs.open_store(a) as store:
+        memory = store.save("deleted on both devices")
+    cfs.cloud_sync(a), cfs.cloud_sync(b)
+    for home in (a, b):
+        with cfs.open_store(home) as store:
+            store.delete(memory.id)
+    cfs.cloud_sync(a), cfs.cloud_sync(b), cfs.cloud_sync(a)
+    on_server = server_memories(rel_server, key)[memory.id]
+    for home in (a, b):
+        row = local_memories(home)[memory.id]
+        assert json.loads(row["vector_clock"]) == on_server["vector_clock"] and row["dirty"] == 0
+        assert row["deleted_at"] == on_server["deleted_at"]
+    assert cfs.cloud_sync(b).summary() == "pushed 0, pulled 0"
