@@ -2233,3 +2233,115 @@ def test_concurrent_identical_deletes_settle_to_the_servers_row(rel_server, tmp_
         assert json.loads(row["vector_clock"]) == on_server["vector_clock"] and row["dirty"] == 0
         assert row["deleted_at"] == on_server["deleted_at"]
     assert cfs.cloud_sync(b).summary() == "pushed 0, pulled 0"
+
+
+# -- concurrency -----------------------------------------------------------------------------
+
+class _Gate:
+    """A FaultProxy hook that holds the first request to `path` until released."""
+
+    def __init__(self, path, phase="received"):
+        self.path, self.phase = path, phase
+        self.held, self.release = _threading.Event(), _threading.Event()
+
+    def __call__(self, n, path, phase):
+        if path == self.path and phase == self.phase and not self.held.is_set():
+            self.held.set()
+            self.release.wait(60)
+
+
+def test_second_sync_waits_for_the_lock_then_completes(rel_server, tmp_path):
+    key = new_user(rel_server)
+    gate = _Gate("/api/sync/push")
+    proxy = FaultProxy(rel_server.url, hook=gate)
+    try:
+        home = device_home(tmp_path, "dev", proxy.url, key)
+        ids = {cli_json(home, "save", f"first batch {i}")["id"] for i in range(3)}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
+        env["CONTEXTFS_HOME"] = str(home)
+        first = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        assert gate.held.wait(30)                   # the first sync holds the lock, mid-push
+        seen = proxy.count
+        second = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            second.wait(timeout=1.5)                # it waits on the lock …
+        assert proxy.count == seen                  # … without sending anything
+        gate.release.set()
+        out1, err1 = first.communicate(timeout=60)
+        out2, err2 = second.communicate(timeout=60)
+        assert first.returncode == 0 and second.returncode == 0, (err1, err2)
+        assert json.loads(out1)["pushed"]["memories"] == 3
+        assert json.loads(out2)["summary"] == "pushed 0, pulled 0"
+    finally:
+        gate.release.set()
+        proxy.stop()
+    assert set(server_memories(rel_server, key)) == ids
+
+
+def test_lock_wait_is_bounded_with_a_clear_message(tmp_path):
+    home = tmp_path / "dev"
+    with cfs.SyncLock(home):
+        start = _time.monotonic()
+        with pytest.raises(cfs.ContextFSError) as info:
+            with cfs.SyncLock(home, timeout=0.3):
+                pass
+        assert _time.monotonic() - start < 10        # bounded, not a hang
+    message = str(info.value)
+    assert message.startswith("Another sync is still running") and "try again" in message and "\n" not in message
+    with cfs.SyncLock(home, timeout=0.3):           # released when the holder exits
+        pass
+
+
+def test_cli_writes_during_a_sync_are_kept_and_stay_dirty_if_they_raced_the_push(rel_server, tmp_path):
+    key = new_user(rel_server)
+    gate = _Gate("/api/sync/push")
+    proxy = FaultProxy(rel_server.url, hook=gate)
+    try:
+        home = device_home(tmp_path, "dev", proxy.url, key)
+        raced = cli_json(home, "save", "version read by the push")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
+        env["CONTEXTFS_HOME"] = str(home)
+        syncing = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        assert gate.held.wait(30)                    # the push has read the row and is on the wire
+        cli_json(home, "edit", raced["id"], "edited while the push was in flight")
+        during = cli_json(home, "save", "saved during the sync")
+        gate.release.set()
+        out, err = syncing.communicate(timeout=60)
+        assert syncing.returncode == 0, err
+        edited = cli_json(home, "show", raced["id"])
+        assert edited["content"] == "edited while the push was in flight" and edited["dirty"] is True
+        assert server_memories(rel_server, key)[raced["id"]]["content"] == "version read by the push"
+        assert cli_json(home, "cloud", "status")["pending_push"] == 2
+        sync(home)
+    finally:
+        gate.release.set()
+        proxy.stop()
+    on_server = server_memories(rel_server, key)
+    assert on_server[raced["id"]]["content"] == "edited while the push was in flight"
+    assert on_server[during["id"]]["content"] == "saved during the sync"
+    assert cli_json(home, "cloud", "conflicts") == [] and cli_json(home, "cloud", "status")["pending_push"] == 0
+
+
+def test_many_cli_saves_while_syncs_run_are_all_kept(rel_server, tmp_path):
+    key = new_user(rel_server)
+    home = device_home(tmp_path, "dev", rel_server.url, key)
+    with cfs.open_store(home) as store, store.transaction():
+        for i in range(1500):
+            store.save(f"bulk {i}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
+    env["CONTEXTFS_HOME"] = str(home)
+    saved = []
+    syncs = [subprocess.Popen([CONTEXTFS, "cloud", "sync"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for i in range(8):
+        saved.append(cli_json(home, "save", f"saved while syncing {i}")["id"])
+    for proc in syncs:
+        _out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err
+    sync(home)
+    on_server = server_memories(rel_server, key)
+    assert len(on_server) == 1508 and set(saved) <= set(on_server)
+    assert cli_json(home, "cloud", "status")["pending_push"] == 0
