@@ -2092,16 +2092,16 @@ class SyncEngine:
                             upserted.append(copy_id)
                     if kind == "memory" and cloud.deleted_at and local is not None and not local.deleted_at:
                         self._deletions += 1
-                        live_total, force = self._delete_guard
-                        if is_mass_delete(self._deletions, live_total) and not force:
-                            # Raised inside the page's transaction: this page is rolled back whole.
-                            raise MassDeleteError(_mass_delete_message("on this device", self._deletions,
-                                                                       live_total))
                     cloud.dirty, cloud.seq = False, 0
                     writes.append(cloud)
                     report.pulled[plural[kind]] += 1
                     if kind == "memory":
                         (deleted if cloud.deleted_at else upserted).append(cloud.id)
+                live_total, force = self._delete_guard
+                if kind == "memory" and not dry_run and not force and is_mass_delete(self._deletions, live_total):
+                    # Raised inside the page's transaction, after counting the whole page (so the
+                    # message gives the real number): this page is rolled back whole.
+                    raise MassDeleteError(_mass_delete_message("on this device", self._deletions, live_total))
                 if writes:
                     self._write_many(kind, writes)
             if not dry_run and next_cursor is not None:

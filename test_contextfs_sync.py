@@ -2345,3 +2345,65 @@ def test_many_cli_saves_while_syncs_run_are_all_kept(rel_server, tmp_path):
     on_server = server_memories(rel_server, key)
     assert len(on_server) == 1508 and set(saved) <= set(on_server)
     assert cli_json(home, "cloud", "status")["pending_push"] == 0
+
+
+# -- mass-delete guard -----------------------------------------------------------------------
+
+def _bulk_save(home, count, prefix="bulk"):
+    with cfs.open_store(home) as store, store.transaction():
+        return [store.save(f"{prefix} {i}").id for i in range(count)]
+
+
+def _bulk_delete(home, ids):
+    with cfs.open_store(home) as store, store.transaction():
+        for memory_id in ids:
+            store.delete(memory_id)
+
+
+def _live_on_server(server, key):
+    return {i for i, m in server_memories(server, key).items() if not m["deleted_at"]}
+
+
+def test_mass_delete_guard_on_push_and_pull_dry_run_and_force(rel_server, tmp_path):
+    key = new_user(rel_server)
+    laptop, desktop = (device_home(tmp_path, n, rel_server.url, key) for n in ("laptop", "desktop"))
+    ids = _bulk_save(laptop, 80)
+    sync(laptop), sync(desktop)
+    _bulk_delete(laptop, ids[:60])                       # 60 of 80: more than 50 and more than 25%
+
+    proc = run_cli(laptop, "cloud", "sync")              # push side: stops, explains, sends nothing
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == ("This sync would delete 60 of 80 memories on the server (more than 25%); "
+                                   "nothing more was changed. Check with: contextfs cloud sync --dry-run, and if "
+                                   "it is what you want, run: contextfs cloud sync --force")
+    assert len(_live_on_server(rel_server, key)) == 80
+    assert cli_json(laptop, "cloud", "status")["pending_push"] == 60   # the local deletes are kept
+    plan = sync(laptop, "--dry-run")
+    assert plan["pushed"]["memories"] == 60 and "would delete 60 of 80" in plan["warnings"][0]
+    human = run_cli(laptop, "cloud", "sync", "--dry-run", check=0)
+    assert "warning: This sync would delete 60 of 80" in human.stderr
+    assert sync(laptop, "--force")["pushed"]["memories"] == 60
+    assert _live_on_server(rel_server, key) == set(ids[60:])
+
+    proc = run_cli(desktop, "cloud", "sync")             # pull side: the page is rolled back whole
+    assert proc.returncode == 1 and "would delete 60 of 80 memories on this device" in proc.stderr
+    assert len(cli_json(desktop, "list", "--limit", "1000")) == 80
+    plan = sync(desktop, "--dry-run")
+    assert plan["pulled"]["memories"] == 60 and "on this device" in plan["warnings"][0]
+    assert len(cli_json(desktop, "list", "--limit", "1000")) == 80
+    assert sync(desktop, "--force")["pulled"]["memories"] == 60
+    assert {m["id"] for m in cli_json(desktop, "list", "--limit", "1000")} == set(ids[60:])
+
+
+@pytest.mark.parametrize("total,deleted", [(60, 50), (300, 60)])
+def test_deletes_under_the_threshold_need_no_force(rel_server, tmp_path, total, deleted):
+    # 50 is not more than MASS_DELETE_MIN; 60 of 300 is not more than 25%.
+    key = new_user(rel_server)
+    laptop, desktop = (device_home(tmp_path, n, rel_server.url, key) for n in ("laptop", "desktop"))
+    ids = _bulk_save(laptop, total)
+    sync(laptop), sync(desktop)
+    _bulk_delete(laptop, ids[:deleted])
+    assert sync(laptop)["pushed"]["memories"] == deleted
+    report = sync(desktop)
+    assert report["pulled"]["memories"] == deleted and report["warnings"] == []
+    assert len(cli_json(desktop, "list", "--limit", "1000")) == total - deleted
