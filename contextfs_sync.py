@@ -1379,9 +1379,18 @@ def _store_error(path: Path, exc: Exception) -> StoreError:
                           f"and pull your memories again with: contextfs cloud sync")
     if "readonly" in text or "unable to open" in text:
         return StoreError(f"{path}: cannot write the local store ({text}); check the permissions of {path.parent}")
-    if "full" in text:
+    if "full" in text or ("I/O error" in text and _free_bytes(path.parent) < 1024 * 1024):
+        # A completely full disk often surfaces as a plain I/O error (no room for the -shm file).
         return StoreError(f"{path}: the disk is full ({text}); free some space and retry — nothing was lost")
     return StoreError(f"{path}: local database error: {text}")
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        st = os.statvfs(directory)
+        return st.f_bavail * st.f_frsize
+    except (OSError, AttributeError):  # no statvfs (Windows): assume there is room
+        return 1 << 62
 
 
 def open_store(home: Optional[Path] = None) -> Store:
