@@ -60,6 +60,7 @@ MEMORY_TYPES = ("fact", "decision", "procedure", "error", "code", "note", "episo
 EMBEDDERS = ("default", "hash", "none")
 DEFAULT_TTL_SECONDS = 24 * 3600
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+MAX_ID_CHARS = 512          # ids, device ids, relations: the server refuses longer ones (422)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_CONFIGURED = 0, 1, 2, 3
 
@@ -537,6 +538,10 @@ class Config:
 
     home: Path
     data: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # Never the secrets: a Config may end up in a log line or an exception's repr.
+        return f"Config(home={str(self.home)!r}, api_key={mask_key(self.api_key)!r})"
 
     @property
     def path(self) -> Path:
@@ -1261,6 +1266,8 @@ class Store:
         """Create (or revive/update) a relationship between two memories."""
         if not relation or not relation.strip():
             raise UsageError("Relation is empty: give --relation, e.g. related_to")
+        if len(relation.strip()) > MAX_ID_CHARS:  # the server would refuse it and every later push
+            raise UsageError(f"Relation is longer than {MAX_ID_CHARS} characters; use a short name")
         with self._lock, self.transaction():
             from_id = self.resolve_id(from_id)
             to_id = self.resolve_id(to_id)
@@ -1403,9 +1410,18 @@ def _store_error(path: Path, exc: Exception) -> StoreError:
                           f"and pull your memories again with: contextfs cloud sync")
     if "readonly" in text or "unable to open" in text:
         return StoreError(f"{path}: cannot write the local store ({text}); check the permissions of {path.parent}")
-    if "full" in text:
+    if "full" in text or ("I/O error" in text and _free_bytes(path.parent) < 1024 * 1024):
+        # A completely full disk often surfaces as a plain I/O error (no room for the -shm file).
         return StoreError(f"{path}: the disk is full ({text}); free some space and retry — nothing was lost")
     return StoreError(f"{path}: local database error: {text}")
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        st = os.statvfs(directory)
+        return st.f_bavail * st.f_frsize
+    except (OSError, AttributeError):  # no statvfs (Windows): assume there is room
+        return 1 << 62
 
 
 def open_store(home: Optional[Path] = None) -> Store:
@@ -2051,7 +2067,12 @@ def check_server_url(url: str, insecure: bool = False) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"Invalid server URL {url!r}: use https://host[:port]")
     host = parts.hostname
-    loopback = host in _LOOPBACK_HOSTS or host.startswith("127.")
+    try:  # an address, not a prefix: http://127.evil.example is not loopback
+        import ipaddress
+
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host in _LOOPBACK_HOSTS
     if parts.scheme == "http" and not loopback and not insecure:
         raise ConfigError(f"Refusing plain http:// to {host}: your API key would travel unencrypted. "
                           f"Use https://, or pass --insecure if you really mean it")
@@ -2628,9 +2649,11 @@ class SyncEngine:
                             report.conflicts.append((cloud.id, f"{cloud.id}_local"))
                         continue
                     if verdict == APPLY_SETTLE:
-                        local.vector_clock = clock_merge(local.vector_clock, cloud.vector_clock)
-                        local.dirty = False
-                        writes.append(local)
+                        # Same data: take the cloud's row and clock as they are. A merged clock the
+                        # server never saw (concurrent equal writes, e.g. two deletes) would leave
+                        # this row clean but different from the server's for good.
+                        cloud.dirty, cloud.seq = False, 0
+                        writes.append(cloud)
                         continue
                     if verdict == APPLY_CONFLICT and kind != "edge" and not local.deleted_at:
                         # Cloud wins under the id; the local version is kept as <id>_local, never pushed
@@ -2643,16 +2666,16 @@ class SyncEngine:
                             upserted.append(copy_id)
                     if kind == "memory" and cloud.deleted_at and local is not None and not local.deleted_at:
                         self._deletions += 1
-                        live_total, force = self._delete_guard
-                        if is_mass_delete(self._deletions, live_total) and not force:
-                            # Raised inside the page's transaction: this page is rolled back whole.
-                            raise MassDeleteError(_mass_delete_message("on this device", self._deletions,
-                                                                       live_total))
                     cloud.dirty, cloud.seq = False, 0
                     writes.append(cloud)
                     report.pulled[plural[kind]] += 1
                     if kind == "memory":
                         (deleted if cloud.deleted_at else upserted).append(cloud.id)
+                live_total, force = self._delete_guard
+                if kind == "memory" and not dry_run and not force and is_mass_delete(self._deletions, live_total):
+                    # Raised inside the page's transaction, after counting the whole page (so the
+                    # message gives the real number): this page is rolled back whole.
+                    raise MassDeleteError(_mass_delete_message("on this device", self._deletions, live_total))
                 if writes:
                     self._write_many(kind, writes)
             if not dry_run and next_cursor is not None:
@@ -2751,6 +2774,8 @@ def cloud_check(home: Optional[Path] = None) -> dict:
 SERVER_DB_NAME = "server.db"
 SERVER_MAX_BODY = 32 * 1024 * 1024
 SERVER_MAX_JSON_DEPTH = 64
+SERVER_MAX_CLOCK_ENTRIES = 1000   # devices in one vector clock
+SERVER_MAX_CREDENTIAL_CHARS = 1024  # login email/password: keeps the rate limiter's memory bounded
 SERVER_PULL_LIMIT_MAX = 5000
 LOGIN_MAX_FAILURES = 5
 LOGIN_WINDOW_SECONDS = 60
@@ -2943,6 +2968,9 @@ class _Schema:
         if "\x00" in value:
             self.add("string_pattern_mismatch", loc + (key,), "String should not contain NUL characters")
             return None
+        if len(value) > MAX_ID_CHARS:
+            self.add("string_too_long", loc + (key,), f"String should have at most {MAX_ID_CHARS} characters")
+            return None
         return value
 
     def timestamp(self, obj: dict, key: str, loc: Tuple[Any, ...]) -> Optional[str]:
@@ -3001,9 +3029,15 @@ def _check_entity(schema: _Schema, kind: str, obj: Any, loc: Tuple[Any, ...]) ->
         schema.timestamp(obj, key, loc)
     schema.field(obj, "metadata", loc, "dict")
     clock = schema.field(obj, "vector_clock", loc, "dict")
+    if clock is not None and len(clock) > SERVER_MAX_CLOCK_ENTRIES:
+        schema.add("too_long", loc + ("vector_clock",), f"Clock should have at most {SERVER_MAX_CLOCK_ENTRIES} entries")
+        clock = None
     for device, count in (clock or {}).items():
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            schema.add("int_type", loc + ("vector_clock", device), "Input should be a non-negative integer")
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count < 2 ** 63:
+            schema.add("int_type", loc + ("vector_clock", device[:MAX_ID_CHARS]),
+                       "Input should be a non-negative 64-bit integer")
+        elif len(device) > MAX_ID_CHARS:
+            schema.add("string_too_long", loc + ("vector_clock",), f"Device ids have at most {MAX_ID_CHARS} characters")
     return len(schema.errors) == before
 
 
@@ -3312,6 +3346,10 @@ class SyncServerApp:
         schema = _Schema()
         email = schema.field(body, "email", ("body",), "str", required=True)
         password = schema.field(body, "password", ("body",), "str", required=True)
+        for name, value in (("email", email), ("password", password)):
+            if value is not None and len(value) > SERVER_MAX_CREDENTIAL_CHARS:
+                schema.add("string_too_long", ("body", name),
+                           f"String should have at most {SERVER_MAX_CREDENTIAL_CHARS} characters")
         session_type = schema.field(body, "session_type", ("body",), "str", default="Web Session")
         schema.raise_if_any()
         email = email.strip().lower()

@@ -2534,3 +2534,823 @@ def test_mcp_check_arguments_fills_defaults():
 
 # ---- tests: reliability and security -------------------------------------------------------
 # (issue 7)
+# Faults, kill -9, convergence, concurrency, mass deletes, hostile input. Figures go to
+# README-reliability-section.md; longer runs: CONTEXTFS_SOAK=1 and benchmarks/soak_kill.py.
+import collections as _collections
+import random as _random
+
+SOAK = os.environ.get("CONTEXTFS_SOAK", "") not in ("", "0")
+
+
+class FaultProxy:
+    """A seeded fault-injecting HTTP proxy on 127.0.0.1 in front of a real server.
+
+    Each request draws from ``random.Random(seed)`` whether to fail (probability ``rate``) and
+    how: ``drop`` (close before forwarding), ``drop_after`` (forward, then close: the server
+    did the work, the client never hears), ``500``/``502``/``503``, ``429`` with Retry-After,
+    ``stall`` (forward, then hang past the client's read timeout), ``truncate`` (half the JSON
+    with a matching Content-Length) and ``cut`` (full Content-Length, half the body, close).
+    ``script`` forces the faults of the first requests. ``hook(n, path, phase)`` runs when
+    request n is ``received`` and when it is ``answered``: kill trials use it to SIGKILL a
+    client at an exact point of the protocol.
+    """
+
+    FAULTS = ("drop", "drop_after", "500", "502", "503", "429", "stall", "truncate", "cut")
+
+    def __init__(self, upstream, seed=0, rate=0.0, faults=FAULTS, script=(), stall=1.5,
+                 retry_after="1", hook=None):
+        import http.server
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        self.upstream = (target.hostname, target.port)
+        self.rng = _random.Random(seed)
+        self.rate, self.faults, self.script = rate, tuple(faults), list(script)
+        self.stall, self.retry_after, self.hook = stall, retry_after, hook
+        self.lock = _threading.Lock()
+        self.count = 0
+        self.log = []  # (n, path, fault or None)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms ACK stalls
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, status, data, headers=(), length=None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data) if length is None else length))
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                n, fault = proxy._draw(self.path)
+                proxy._call_hook(n, self.path, "received")
+                if fault == "drop":
+                    self.close_connection = True
+                    return
+                if fault in ("500", "502", "503", "429"):
+                    extra = [("Retry-After", proxy.retry_after)] if fault == "429" else []
+                    self._send(int(fault), b'{"detail":"injected fault"}', extra)
+                    return
+                status, headers, data = proxy._forward(self.command, self.path, self.headers, body)
+                if fault in ("drop_after", "stall"):
+                    if fault == "stall":
+                        _time.sleep(proxy.stall)
+                    self.close_connection = True
+                    return
+                if fault == "truncate":
+                    self._send(status, data[: len(data) // 2], headers)
+                elif fault == "cut":
+                    self._send(status, data[: len(data) // 2], headers, length=len(data))
+                    self.close_connection = True
+                else:
+                    self._send(status, data, headers)
+                proxy._call_hook(n, self.path, "answered")
+
+            do_GET = do_POST = _handle
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                if not isinstance(sys.exc_info()[1], ConnectionError):  # a killed client: expected
+                    super().handle_error(request, client_address)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = _threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _draw(self, path):
+        with self.lock:
+            self.count += 1
+            if self.script:
+                fault = self.script.pop(0)
+            elif self.rate and self.rng.random() < self.rate:
+                fault = self.rng.choice(self.faults)
+            else:
+                fault = None
+            self.log.append((self.count, path, fault))
+            return self.count, fault
+
+    def _call_hook(self, n, path, phase):
+        if self.hook is not None:
+            self.hook(n, path, phase)
+
+    def _forward(self, method, path, headers, body):
+        import http.client
+
+        conn = http.client.HTTPConnection(*self.upstream, timeout=60)
+        try:
+            keep = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection")}
+            conn.request(method, path, body=body or None, headers=keep)
+            response = conn.getresponse()
+            data = response.read()
+            extra = [(k, v) for k, v in response.getheaders() if k.lower() == "retry-after"]
+            return response.status, extra, data
+        finally:
+            conn.close()
+
+    def faults_injected(self):
+        """{fault: count} of what was injected so far."""
+        return dict(_collections.Counter(f for _n, _p, f in self.log if f))
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def rel_server(tmp_path_factory):
+    """One reference server (subprocess) shared by the reliability tests; each uses its own user."""
+    server = LiveServer(tmp_path_factory.mktemp("rel") / "server-data")
+    yield server
+    server.stop()
+
+
+def device_home(root, name, url, key, **cloud):
+    """A device home whose config points at `url` (written with the library: no subprocess)."""
+    cfg = cfs.Config(home=Path(root) / name)
+    cfg.data = {"cloud": dict({"enabled": True, "server_url": url, "api_key": key}, **cloud),
+                "index": {"embedder": "none"}}
+    cfs.save_config(cfg)
+    return cfg.home
+
+
+def new_user(server):
+    return server.add_user(f"user-{uuid.uuid4().hex[:10]}@example.com")
+
+
+def engine_sync(home, direction="both", timeout=0.5, waits=None, force=False):
+    """An in-process sync with a short read timeout; backoff waits are recorded and shortened."""
+    cfg = cfs.load_config(home)
+
+    def sleep(seconds):
+        if waits is not None:
+            waits.append(seconds)
+        _time.sleep(min(seconds, 0.02))
+
+    client = cfs.CloudClient(cfg.server_url, cfg.api_key, timeout=timeout, sleep=sleep)
+    with cfs.SyncLock(cfg.home), cfs.open_store(cfg.home) as store, client:
+        return cfs.SyncEngine(store, client, cfg).run(direction, force=force)
+
+
+def local_memories(home, where="1 = 1"):
+    """{id: row dict} of a device's memories (read with plain sqlite3)."""
+    with sqlite3.connect(Path(home) / "sync.db") as db:
+        db.row_factory = sqlite3.Row
+        rows = db.execute(f"SELECT * FROM memories WHERE {where}").fetchall()
+    db.close()
+    return {r["id"]: dict(r) for r in rows}
+
+
+def integrity(home):
+    db = sqlite3.connect(Path(home) / "sync.db")
+    try:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_sync_under_seeded_faults_completes_or_stops_cleanly_then_converges(rel_server, tmp_path, monkeypatch):
+    seed, rounds = (7, 300) if SOAK else (7, 40)
+    monkeypatch.setattr(cfs, "PUSH_BATCH_ITEMS", 8)   # more requests per sync: more places to fail
+    monkeypatch.setattr(cfs, "PULL_PAGE_SIZE", 12)
+    key = new_user(rel_server)
+    proxy = FaultProxy(rel_server.url, seed=seed, rate=0.45, stall=0.8)
+    homes = [device_home(tmp_path, f"d{i}", proxy.url, key) for i in range(2)]
+    rng = _random.Random(seed)
+    expected = {}                         # id -> [owner, content or None when deleted]
+    waits, outcomes = [], _collections.Counter()
+    try:
+        for step in range(rounds):
+            owner = rng.randrange(2)
+            with cfs.open_store(homes[owner]) as store:
+                for _ in range(rng.randint(1, 25)):
+                    m = store.save(f"fault round {step} {uuid.uuid4().hex}")
+                    expected[m.id] = [owner, m.content]
+                mine = sorted(i for i, (o, c) in expected.items() if o == owner and c is not None)
+                for mid in rng.sample(mine, min(len(mine), rng.randint(0, 4))):
+                    expected[mid][1] = store.edit(mid, content=f"edited {step} {uuid.uuid4().hex}").content
+                if mine and rng.random() < 0.3:
+                    gone = rng.choice(mine)
+                    store.delete(gone)
+                    expected[gone][1] = None
+            try:
+                engine_sync(homes[owner], rng.choice(["both", "push", "pull"]), waits=waits)
+                outcomes["completed"] += 1
+            except cfs.ContextFSError as exc:
+                # A sync that gives up says so in one line, names the cause, and loses nothing.
+                assert isinstance(exc, cfs.ServerError) and "\n" not in str(exc), repr(exc)
+                assert "Cannot sync with" in str(exc) and "nothing was lost" in str(exc)
+                outcomes["stopped"] += 1
+        injected = proxy.faults_injected()
+        proxy.rate = 0.0
+        for home in homes + homes:
+            engine_sync(home)
+    finally:
+        proxy.stop()
+    live = {i: c for i, (_o, c) in expected.items() if c is not None}
+    on_server = server_memories(rel_server, key)
+    assert set(on_server) == set(expected)                      # nothing lost, nothing extra
+    assert {i: m["content"] for i, m in on_server.items() if not m["deleted_at"]} == live
+    for home in homes:
+        rows = local_memories(home)
+        assert {i: r["content"] for i, r in rows.items() if not r["deleted_at"]} == live
+        assert not [i for i in rows if "_local" in i] and not [r for r in rows.values() if r["dirty"]]
+        assert integrity(home) == "ok"
+    assert len(set(live.values())) == len(live)                 # no duplicated memories
+    assert set(injected) == set(FaultProxy.FAULTS), injected   # every kind of fault was tried
+    assert outcomes["completed"] > 0
+    if injected.get("429"):
+        assert 1.0 in waits                                      # Retry-After was honoured
+    print(f"\nfaults: {sum(injected.values())} injected in {proxy.count} requests {injected}; "
+          f"syncs: {dict(outcomes)}; memories: {len(expected)}; lost 0, duplicated 0")
+
+
+def test_cli_sync_retries_through_a_burst_of_faults(rel_server, tmp_path):
+    key = new_user(rel_server)
+    proxy = FaultProxy(rel_server.url, script=["503", "drop", "truncate", "429"], retry_after="0")
+    try:
+        home = device_home(tmp_path, "dev", proxy.url, key)
+        ids = {cli_json(home, "save", f"survives faults {i}")["id"] for i in range(3)}
+        report = sync(home)
+        assert report["pushed"]["memories"] == 3
+        assert [f for _n, _p, f in proxy.log[:5]] == ["503", "drop", "truncate", "429", None]
+    finally:
+        proxy.stop()
+    assert set(server_memories(rel_server, key)) == ids
+
+
+def test_cli_sync_stops_with_one_clear_line_when_faults_persist(rel_server, tmp_path):
+    key = new_user(rel_server)
+    proxy = FaultProxy(rel_server.url, rate=1.0, faults=("502", "cut"), seed=3)
+    try:
+        home = device_home(tmp_path, "dev", proxy.url, key)
+        saved = cli_json(home, "save", "written while the server is failing")
+        proc = run_cli(home, "cloud", "sync")
+        assert proc.returncode == 1 and proc.stdout == ""
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Cannot sync with {proxy.url}:"), proc.stderr
+        assert "after 5 tries" in lines[0] and "nothing was lost" in lines[0] and key not in proc.stderr
+        assert cli_json(home, "show", saved["id"])["dirty"] is True
+        proxy.rate = 0.0
+        assert sync(home)["pushed"]["memories"] == 1
+    finally:
+        proxy.stop()
+    assert server_memories(rel_server, key)[saved["id"]]["content"] == saved["content"]
+
+
+class KillTrials:
+    """Seeded ``kill -9`` trials of the real ``contextfs cloud sync`` process, mid-push and mid-pull.
+
+    Two devices share one account on a server behind a (fault-free) FaultProxy. Before each
+    trial the device under test writes memories in one library transaction (the pusher many,
+    with edits, deletes, a session and links; the puller a few); then its sync is SIGKILLed at
+    a seeded point: while the proxy holds its Nth request, just after the proxy answered it
+    (+0-30 ms: the client is applying or settling), or after a seeded delay. Afterwards its
+    sync.db must pass ``PRAGMA integrity_check``, the next sync must complete, and every memory
+    written before the kill must be on that device as written; the other device's pull proves
+    the server has them. Used by the suite and by benchmarks/soak_kill.py.
+    """
+
+    def __init__(self, root, server, seed, sizes=(150, 1400)):
+        self.root, self.server, self.sizes = Path(root), server, sizes
+        self.rng = _random.Random(seed)
+        self.key = new_user(server)
+        self.proxy = FaultProxy(server.url, hook=self._hook)
+        self.homes = {side: device_home(self.root, side, self.proxy.url, self.key) for side in ("push", "pull")}
+        self.expected = {}        # memory id -> content, or None once deleted
+        self.sessions, self.edges = set(), set()
+        self.results = []
+        self._target = None       # (request number, phase, delay)
+        self._proc = None
+
+    def _hook(self, n, path, phase):
+        target = self._target
+        if target and target[:2] == (n, phase):
+            self._target = None
+            if target[3]:  # a timer started by the first request: lands anywhere in the sync
+                _threading.Timer(target[2], self._kill, (self._proc,)).start()
+            else:
+                _time.sleep(target[2])
+                self._kill(self._proc)
+
+    @staticmethod
+    def _kill(proc):
+        if proc.poll() is None:
+            with cfs._suppress(ProcessLookupError):
+                proc.send_signal(_signal.SIGKILL)
+
+    def _write(self, side, number):
+        """Local writes before the sync; returns how many memories changed."""
+        rng = self.rng
+        with cfs.open_store(self.homes[side]) as store, store.transaction():
+            count = rng.randint(*self.sizes) if side == "push" else rng.randint(1, 40)
+            session = store.session_start(label=f"trial {number}") if side == "push" else None
+            new = [store.save(f"trial {number} {side} {i} {uuid.uuid4().hex}", tags=["kill"]) for i in range(count)]
+            for m in new:
+                self.expected[m.id] = m.content
+            changed = count
+            if side == "push":
+                # Only what this device already has (the other device's latest writes arrive with this sync).
+                live = sorted(i for i, c in self.expected.items() if c is not None
+                              and i not in {m.id for m in new} and store.get_row("memory", i) is not None)
+                for mid in rng.sample(live, min(len(live), rng.randint(0, 30))):
+                    self.expected[mid] = store.edit(mid, content=f"edited in trial {number} {uuid.uuid4().hex}").content
+                    changed += 1
+                for mid in rng.sample(live, min(len(live), rng.randint(0, 8))):
+                    if self.expected[mid] is not None:
+                        store.delete(mid)
+                        self.expected[mid] = None
+                        changed += 1
+                for a, b in zip(new[:5], new[1:6]):
+                    self.edges.add(store.link(a.id, b.id, "follows").id)
+                store.session_end(summary=f"trial {number} wrote {count} memories")
+                self.sessions.add(session.id)
+        return changed
+
+    def trial(self, number, side):
+        """One trial (side push, pull, or fresh: a new device's first, many-page pull)."""
+        rng = self.rng
+        if side == "fresh":
+            home = device_home(self.root, f"fresh-{number}", self.proxy.url, self.key)
+            written = 0
+            # register, then at least one page per PULL_PAGE_SIZE rows
+            floor = 1 + max(1, len(self.expected) // cfs.PULL_PAGE_SIZE)
+        else:
+            home = self.homes[side]
+            written = self._write(side, number)
+            with sqlite3.connect(home / "sync.db") as db:
+                dirty = db.execute("SELECT count(*) FROM memories WHERE dirty = 1").fetchone()[0]
+            db.close()
+            # At least this many requests: pushes of 500 rows, then one pull page or more.
+            floor = (-(-dirty // cfs.PUSH_BATCH_ITEMS) if dirty else 0) + 1
+        trigger = rng.choice(["received", "answered", "answered", "timer"])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
+        env["CONTEXTFS_HOME"] = str(home)
+        base = self.proxy.count
+        nth = 1 if trigger == "timer" else rng.randint(1, floor)
+        delay = {"received": 0.0, "answered": rng.uniform(0, 0.03), "timer": rng.uniform(0.005, 0.1)}[trigger]
+        self._target = (base + nth, "received" if trigger == "timer" else trigger, delay, trigger == "timer")
+        self._proc = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _stderr = self._proc.communicate(timeout=120)[1]
+        self._target = None
+        killed = self._proc.returncode == -_signal.SIGKILL
+        at = next((p for n, p, _f in self.proxy.log if n == base + nth), None) if trigger != "timer" else None
+        if trigger == "timer":
+            trigger = f"timer {delay * 1000:.0f} ms"
+        requests_before_kill = self.proxy.count - base
+        problems = []
+        if not killed and self._proc.returncode != 0:
+            problems.append(f"sync exited {self._proc.returncode}: {_stderr.strip()}")
+        check = integrity(home)
+        if check != "ok":
+            problems.append(f"integrity_check: {check}")
+        finish = run_cli(home, "cloud", "sync", "--json")
+        if finish.returncode != 0:
+            problems.append(f"next sync failed: {finish.stderr.strip()}")
+        problems += self.verify(home)
+        result = {"trial": number, "side": side, "trigger": trigger if "timer" in trigger else f"{trigger} #{nth}",
+                  "at": at or "-", "killed": killed, "written": written, "requests": requests_before_kill,
+                  "integrity": check, "problems": problems}
+        self.results.append(result)
+        return result
+
+    def verify(self, home, pending_ok=False):
+        """Every memory written so far is on this device as written; nothing pending, no copies."""
+        rows = local_memories(home)
+        problems = []
+        lost = [i for i, c in self.expected.items() if i not in rows or
+                (rows[i]["content"] if not rows[i]["deleted_at"] else None) != (c if c is not None else None)
+                and not (c is None and rows[i]["deleted_at"])]
+        if lost:
+            problems.append(f"{len(lost)} memories lost or stale, e.g. {lost[:3]}")
+        extra = sorted(set(rows) - set(self.expected))
+        if extra:
+            problems.append(f"{len(extra)} unexpected rows (duplicates or conflict copies), e.g. {extra[:3]}")
+        if not pending_ok and any(r["dirty"] for r in rows.values()):
+            problems.append("rows still dirty after a completed sync")
+        return problems
+
+    def final_check(self):
+        """Both devices converge with the server; the server holds exactly what was written."""
+        problems = []
+        for side in ("push", "pull", "push"):
+            proc = run_cli(self.homes[side], "cloud", "sync", "--json")
+            if proc.returncode != 0:
+                problems.append(f"final sync of {side} failed: {proc.stderr.strip()}")
+        for side in ("push", "pull"):
+            problems += [f"{side}: {p}" for p in self.verify(self.homes[side])]
+        on_server = server_memories(self.server, self.key)
+        got = {i: (None if m["deleted_at"] else m["content"]) for i, m in on_server.items()}
+        if got != self.expected:
+            missing = [i for i in self.expected if got.get(i, "missing") != self.expected[i]]
+            problems.append(f"server differs: {len(missing)} wrong or missing, {len(set(got) - set(self.expected))} extra")
+        for side in ("push", "pull"):
+            with sqlite3.connect(self.homes[side] / "sync.db") as db:
+                sessions = {r[0] for r in db.execute("SELECT id FROM sessions WHERE summary IS NOT NULL")}
+                edges = {r[0] for r in db.execute("SELECT id FROM edges WHERE deleted_at IS NULL")}
+            db.close()
+            if sessions != self.sessions or edges != self.edges:
+                problems.append(f"{side}: sessions or links differ")
+        return problems
+
+    def stop(self):
+        self.proxy.stop()
+
+
+def test_kill_9_during_push_and_pull_loses_nothing(rel_server, tmp_path):
+    trials = KillTrials(tmp_path, rel_server, seed=11)
+    try:
+        for number in range(36):
+            side = "fresh" if number in (17, 35) else ("push" if number % 2 == 0 else "pull")
+            result = trials.trial(number, side)
+            assert not result["problems"], result
+        final = trials.final_check()
+    finally:
+        trials.stop()
+    assert not final, final
+    killed = [r for r in trials.results if r["killed"]]
+    assert len(killed) >= 30, [(r["trigger"], r["killed"]) for r in trials.results]
+    assert {r["side"] for r in killed} == {"push", "pull", "fresh"}
+    assert {"/api/sync/push", "/api/sync/pull"} <= {r["at"] for r in killed}
+    print(f"\nkill -9: {len(trials.results)} trials, {len(killed)} killed mid-sync, "
+          f"{len(trials.expected)} memories, integrity ok, lost 0")
+
+
+def run_convergence(root, server, seed, steps, devices=3):
+    """Seeded random operations on `devices` devices with random syncs; returns (stats, problems).
+
+    Every local write (memory text or session summary) is recorded as the device's *head* for
+    that row until a later local write replaces it; when a pull turns a dirty row into a
+    ``_local`` conflict copy, the head moves to the copy. After a final round of syncs each
+    head must survive: local-only heads (drafts, copies) as written on their device, the
+    others in the server's row, whose clock must equal or dominate the head's (equal clock =
+    same text). A delete may lose to a concurrent edit (no text is lost). Every device must
+    then equal the server: memories, sessions and links, fields and clocks, nothing dirty.
+    """
+    rng = _random.Random(seed)
+    key = new_user(server)
+    homes = [device_home(root, f"dev{i}", server.url, key) for i in range(devices)]
+    heads = {}          # (device, kind, id) -> {"content", "clock", "deleted", "local_only"}
+    stats = _collections.Counter()
+    problems = []
+
+    def record(d, kind, obj, local_only=False):
+        text = obj.content if kind == "memory" else obj.summary
+        heads[(d, kind, obj.id)] = {"content": text, "clock": dict(obj.vector_clock),
+                                    "deleted": obj.deleted_at is not None,
+                                    "local_only": local_only or (kind == "memory" and obj.local_only)}
+
+    def text():
+        return f"step {stats['steps']} {rng.choice(['uv', 'pip', 'ruff', 'pytest', 'sqlite'])} {uuid.uuid4().hex[:8]}"
+
+    def do_sync(d, store_closed_home, direction):
+        try:
+            report = cfs.cloud_sync(store_closed_home, direction)
+        except cfs.MassDeleteError:
+            stats["mass_delete_confirmed"] += 1
+            report = cfs.cloud_sync(store_closed_home, "pull", force=True)
+        stats[f"sync_{direction}"] += 1
+        with cfs.open_store(store_closed_home) as store:
+            for original, copy in report.conflicts:
+                kind = "memory" if store.get_row("memory", copy) is not None else "session"
+                head = heads.pop((d, kind, original), None)
+                if head is None:
+                    problems.append(f"step {stats['steps']}: conflict on {original} with no local write")
+                    continue
+                heads[(d, kind, copy)] = dict(head, local_only=True)
+                stats["conflict_copies"] += 1
+        return report
+
+    ops = ["save"] * 18 + ["draft"] * 4 + ["publish"] * 3 + ["edit"] * 22 + ["delete"] * 6 + \
+        ["link"] * 7 + ["unlink"] * 2 + ["session"] * 6 + ["resolve"] * 4 + ["sync"] * 28
+    for step in range(steps):
+        stats["steps"] = step
+        d = rng.randrange(devices)
+        op = rng.choice(ops)
+        if op == "sync":
+            do_sync(d, homes[d], rng.choice(["push", "pull", "both", "both"]))
+            continue
+        with cfs.open_store(homes[d]) as store:
+            live = store.list(limit=100_000)
+            normal = [m for m in live if not m.local_only]
+            if op in ("save", "draft"):
+                record(d, "memory", store.save(text(), tags=rng.sample(["a", "b", "c"], rng.randint(0, 2)),
+                                               draft=op == "draft"))
+            elif op == "edit" and live:
+                m = rng.choice(live)
+                record(d, "memory", store.edit(m.id, content=text()))
+            elif op == "delete" and live:
+                record(d, "memory", store.delete(rng.choice(live).id))
+            elif op == "publish" and [m for m in live if m.draft]:
+                record(d, "memory", store.edit(rng.choice([m for m in live if m.draft]).id, publish=True))
+            elif op == "link" and len(normal) >= 2:
+                a, b = rng.sample(normal, 2)
+                store.link(a.id, b.id, rng.choice(["related_to", "caused_by"]), weight=rng.choice([0.5, 1.0]))
+            elif op == "unlink" and store.edges():
+                e = rng.choice(store.edges())
+                store.unlink(e.from_id, e.to_id, e.relation)
+            elif op == "session":
+                if store.state("current_session"):
+                    record(d, "session", store.session_end(summary=text()))
+                else:
+                    record(d, "session", store.session_start(label=f"dev{d}"))
+            elif op == "resolve" and store.conflicts():
+                copy = rng.choice(store.conflicts())
+                keep = rng.choice(["local", "cloud"])
+                heads.pop((d, "memory", copy.id), None)
+                winner = store.resolve_conflict(copy.id, keep)
+                if keep == "local":
+                    record(d, "memory", winner)
+                stats[f"resolved_{keep}"] += 1
+            else:
+                stats["noop"] += 1
+                continue
+        stats[op] += 1
+    stats["steps"] = steps
+
+    # Final round: sync every device until a whole round moves nothing.
+    for final_round in range(6):
+        moved = 0
+        for d in range(devices):
+            report = do_sync(d, homes[d], "both")
+            moved += sum(report.pushed.values()) + sum(report.pulled.values())
+        if moved == 0:
+            break
+    else:
+        problems.append("no convergence after 6 final rounds")
+    stats["final_rounds"] = final_round + 1
+
+    server_state = server_rows(server, key)
+    for (d, kind, row_id), head in heads.items():
+        if head["deleted"]:
+            continue
+        if head["local_only"]:
+            table = "memories" if kind == "memory" else "sessions"
+            with sqlite3.connect(homes[d] / "sync.db") as db:
+                row = db.execute(f"SELECT {'content' if kind == 'memory' else 'summary'}, deleted_at "
+                                 f"FROM {table} WHERE id = ?", (row_id,)).fetchone()
+            db.close()
+            if row is None or row[0] != head["content"] or row[1] is not None:
+                problems.append(f"dev{d}: local-only {kind} {row_id} lost its text")
+            continue
+        cloud = server_state.get(("memories" if kind == "memory" else "sessions", row_id))
+        if cloud is None:
+            problems.append(f"dev{d}: {kind} {row_id} never reached the server")
+            continue
+        order = cfs.clock_compare(cloud["vector_clock"], head["clock"])
+        cloud_text = cloud["content"] if kind == "memory" else cloud.get("summary")
+        if order not in ("equal", "after") or (order == "equal" and (cloud_text != head["content"]
+                                                                   or cloud["deleted_at"])):
+            problems.append(f"dev{d}: write to {kind} {row_id} lost (server {order}: {cloud_text!r} "
+                            f"vs local {head['content']!r})")
+    stats["heads_checked"] = len(heads)
+
+    def server_view(kind):
+        out = {}
+        for (k, row_id), obj in server_state.items():
+            if k == kind:
+                out[row_id] = _sync_fields(kind, obj, obj["vector_clock"])
+        return out
+
+    for d, home in enumerate(homes):
+        with sqlite3.connect(home / "sync.db") as db:
+            db.row_factory = sqlite3.Row
+            for kind, table in (("memories", "memories"), ("sessions", "sessions"), ("edges", "edges")):
+                where = cfs._PUSHABLE[{"memories": "memory", "sessions": "session", "edges": "edge"}[kind]]
+                rows = db.execute(f"SELECT * FROM {table} WHERE {where}").fetchall()
+                mine = {r["id"]: _sync_fields(kind, dict(r), json.loads(r["vector_clock"])) for r in rows}
+                if mine != server_view(kind):
+                    diff = sorted(set(mine.items()) ^ set(server_view(kind).items()))[:2]
+                    problems.append(f"dev{d}: {kind} differ from the server: {len(diff)} rows, e.g. {diff!r}")
+                if any(r["dirty"] for r in rows):
+                    problems.append(f"dev{d}: {kind} still dirty after the final round")
+        db.close()
+    stats["memories_on_server"] = sum(1 for k, _i in server_state if k == "memories")
+    return stats, problems
+
+
+def _sync_fields(kind, row, clock):
+    """The user-visible fields of a row or wire object, for comparing a device with the server."""
+    clock = tuple(sorted((k, v) for k, v in clock.items() if v))
+    tags = row.get("tags")
+    tags = tuple(json.loads(tags) if isinstance(tags, str) else tags or ())
+    if kind == "memories":
+        return (row["content"], bool(row["deleted_at"]), row["type"], tags, row.get("summary"), clock)
+    if kind == "sessions":
+        return (row.get("summary"), row.get("label"), bool(row.get("ended_at")), bool(row["deleted_at"]), clock)
+    return (float(row["weight"]), bool(row["deleted_at"]), clock)
+
+
+@pytest.mark.parametrize("seed", [1, 2] + ([3, 4, 5, 6] if SOAK else []))
+def test_three_devices_converge_and_no_local_edit_is_lost(rel_server, tmp_path, seed):
+    steps = 3000 if SOAK else 500
+    stats, problems = run_convergence(tmp_path, rel_server, seed, steps)
+    assert not problems, problems[:10]
+    assert stats["conflict_copies"] > 0 and stats["heads_checked"] > 50, stats
+    print(f"\nconvergence seed {seed}: {dict(stats)}")
+
+
+def test_concurrent_identical_deletes_settle_to_the_servers_row(rel_server, tmp_path):
+    # Found by the convergence test: the second device's delete conflicted on push, its pull
+    # saw the same data and settled under a merged clock the server never had, so the device
+    # stayed different from the server for good.
+    key = new_user(rel_server)
+    a, b = (device_home(tmp_path, name, rel_server.url, key) for name in ("a", "b"))
+    with cfs.open_store(a) as store:
+        memory = store.save("deleted on both devices")
+    cfs.cloud_sync(a), cfs.cloud_sync(b)
+    for home in (a, b):
+        with cfs.open_store(home) as store:
+            store.delete(memory.id)
+    cfs.cloud_sync(a), cfs.cloud_sync(b), cfs.cloud_sync(a)
+    on_server = server_memories(rel_server, key)[memory.id]
+    for home in (a, b):
+        row = local_memories(home)[memory.id]
+        assert json.loads(row["vector_clock"]) == on_server["vector_clock"] and row["dirty"] == 0
+        assert row["deleted_at"] == on_server["deleted_at"]
+    assert cfs.cloud_sync(b).summary() == "pushed 0, pulled 0"
+
+
+# -- concurrency -----------------------------------------------------------------------------
+
+class _Gate:
+    """A FaultProxy hook that holds the first request to `path` until released."""
+
+    def __init__(self, path, phase="received"):
+        self.path, self.phase = path, phase
+        self.held, self.release = _threading.Event(), _threading.Event()
+
+    def __call__(self, n, path, phase):
+        if path == self.path and phase == self.phase and not self.held.is_set():
+            self.held.set()
+            self.release.wait(60)
+
+
+def test_second_sync_waits_for_the_lock_then_completes(rel_server, tmp_path):
+    key = new_user(rel_server)
+    gate = _Gate("/api/sync/push")
+    proxy = FaultProxy(rel_server.url, hook=gate)
+    try:
+        home = device_home(tmp_path, "dev", proxy.url, key)
+        ids = {cli_json(home, "save", f"first batch {i}")["id"] for i in range(3)}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
+        env["CONTEXTFS_HOME"] = str(home)
+        first = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        assert gate.held.wait(30)                   # the first sync holds the lock, mid-push
+        seen = proxy.count
+        second = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            second.wait(timeout=1.5)                # it waits on the lock …
+        assert proxy.count == seen                  # … without sending anything
+        gate.release.set()
+        out1, err1 = first.communicate(timeout=60)
+        out2, err2 = second.communicate(timeout=60)
+        assert first.returncode == 0 and second.returncode == 0, (err1, err2)
+        assert json.loads(out1)["pushed"]["memories"] == 3
+        assert json.loads(out2)["summary"] == "pushed 0, pulled 0"
+    finally:
+        gate.release.set()
+        proxy.stop()
+    assert set(server_memories(rel_server, key)) == ids
+
+
+def test_lock_wait_is_bounded_with_a_clear_message(tmp_path):
+    home = tmp_path / "dev"
+    with cfs.SyncLock(home):
+        start = _time.monotonic()
+        with pytest.raises(cfs.ContextFSError) as info:
+            with cfs.SyncLock(home, timeout=0.3):
+                pass
+        assert _time.monotonic() - start < 10        # bounded, not a hang
+    message = str(info.value)
+    assert message.startswith("Another sync is still running") and "try again" in message and "\n" not in message
+    with cfs.SyncLock(home, timeout=0.3):           # released when the holder exits
+        pass
+
+
+def test_cli_writes_during_a_sync_are_kept_and_stay_dirty_if_they_raced_the_push(rel_server, tmp_path):
+    key = new_user(rel_server)
+    gate = _Gate("/api/sync/push")
+    proxy = FaultProxy(rel_server.url, hook=gate)
+    try:
+        home = device_home(tmp_path, "dev", proxy.url, key)
+        raced = cli_json(home, "save", "version read by the push")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
+        env["CONTEXTFS_HOME"] = str(home)
+        syncing = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        assert gate.held.wait(30)                    # the push has read the row and is on the wire
+        cli_json(home, "edit", raced["id"], "edited while the push was in flight")
+        during = cli_json(home, "save", "saved during the sync")
+        gate.release.set()
+        out, err = syncing.communicate(timeout=60)
+        assert syncing.returncode == 0, err
+        edited = cli_json(home, "show", raced["id"])
+        assert edited["content"] == "edited while the push was in flight" and edited["dirty"] is True
+        assert server_memories(rel_server, key)[raced["id"]]["content"] == "version read by the push"
+        assert cli_json(home, "cloud", "status")["pending_push"] == 2
+        sync(home)
+    finally:
+        gate.release.set()
+        proxy.stop()
+    on_server = server_memories(rel_server, key)
+    assert on_server[raced["id"]]["content"] == "edited while the push was in flight"
+    assert on_server[during["id"]]["content"] == "saved during the sync"
+    assert cli_json(home, "cloud", "conflicts") == [] and cli_json(home, "cloud", "status")["pending_push"] == 0
+
+
+def test_many_cli_saves_while_syncs_run_are_all_kept(rel_server, tmp_path):
+    key = new_user(rel_server)
+    home = device_home(tmp_path, "dev", rel_server.url, key)
+    with cfs.open_store(home) as store, store.transaction():
+        for i in range(1500):
+            store.save(f"bulk {i}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
+    env["CONTEXTFS_HOME"] = str(home)
+    saved = []
+    syncs = [subprocess.Popen([CONTEXTFS, "cloud", "sync"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for i in range(8):
+        saved.append(cli_json(home, "save", f"saved while syncing {i}")["id"])
+    for proc in syncs:
+        _out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err
+    sync(home)
+    on_server = server_memories(rel_server, key)
+    assert len(on_server) == 1508 and set(saved) <= set(on_server)
+    assert cli_json(home, "cloud", "status")["pending_push"] == 0
+
+
+# -- mass-delete guard -----------------------------------------------------------------------
+
+def _bulk_save(home, count, prefix="bulk"):
+    with cfs.open_store(home) as store, store.transaction():
+        return [store.save(f"{prefix} {i}").id for i in range(count)]
+
+
+def _bulk_delete(home, ids):
+    with cfs.open_store(home) as store, store.transaction():
+        for memory_id in ids:
+            store.delete(memory_id)
+
+
+def _live_on_server(server, key):
+    return {i for i, m in server_memories(server, key).items() if not m["deleted_at"]}
+
+
+def test_mass_delete_guard_on_push_and_pull_dry_run_and_force(rel_server, tmp_path):
+    key = new_user(rel_server)
+    laptop, desktop = (device_home(tmp_path, n, rel_server.url, key) for n in ("laptop", "desktop"))
+    ids = _bulk_save(laptop, 80)
+    sync(laptop), sync(desktop)
+    _bulk_delete(laptop, ids[:60])                       # 60 of 80: more than 50 and more than 25%
+
+    proc = run_cli(laptop, "cloud", "sync")              # push side: stops, explains, sends nothing
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == ("This sync would delete 60 of 80 memories on the server (more than 25%); "
+                                   "nothing more was changed. Check with: contextfs cloud sync --dry-run, and if "
+                                   "it is what you want, run: contextfs cloud sync --force")
+    assert len(_live_on_server(rel_server, key)) == 80
+    assert cli_json(laptop, "cloud", "status")["pending_push"] == 60   # the local deletes are kept
+    plan = sync(laptop, "--dry-run")
+    assert plan["pushed"]["memories"] == 60 and "would delete 60 of 80" in plan["warnings"][0]
+    human = run_cli(laptop, "cloud", "sync", "--dry-run", check=0)
+    assert "warning: This sync would delete 60 of 80" in human.stderr
+    assert sync(laptop, "--force")["pushed"]["memories"] == 60
+    assert _live_on_server(rel_server, key) == set(ids[60:])
+
+    proc = run_cli(desktop, "cloud", "sync")             # pull side: the page is rolled back whole
+    assert proc.returncode == 1 and "would delete 60 of 80 memories on this device" in proc.stderr
+    assert len(cli_json(desktop, "list", "--limit", "1000")) == 80
+    plan = sync(desktop, "--dry-run")
+    assert plan["pulled"]["memories"] == 60 and "on this device" in plan["warnings"][0]
+    assert len(cli_json(desktop, "list", "--limit", "1000")) == 80
+    assert sync(desktop, "--force")["pulled"]["memories"] == 60
+    assert {m["id"] for m in cli_json(desktop, "list", "--limit", "1000")} == set(ids[60:])
+
+
+@pytest.mark.parametrize("total,deleted", [(60, 50), (300, 60)])
+def test_deletes_under_the_threshold_need_no_force(rel_server, tmp_path, total, deleted):
+    # 50 is not more than MASS_DELETE_MIN; 60 of 300 is not more than 25%.
+    key = new_user(rel_server)
+    laptop, desktop = (device_home(tmp_path, n, rel_server.url, key) for n in ("laptop", "desktop"))
+    ids = _bulk_save(laptop, total)
+    sync(laptop), sync(desktop)
+    _bulk_delete(laptop, ids[:deleted])
+    assert sync(laptop)["pushed"]["memories"] == deleted
+    report = sync(desktop)
+    assert report["pulled"]["memories"] == deleted and report["warnings"] == []
+    assert len(cli_json(desktop, "list", "--limit", "1000")) == total - deleted
