@@ -2415,10 +2415,13 @@ def decode_json_body(raw: bytes) -> Any:
         raise _json_invalid(0, "JSON nested too deeply") from None
     if isinstance(value, (dict, list)) and _json_too_deep(value, SERVER_MAX_JSON_DEPTH):
         raise _json_invalid(0, f"JSON nested deeper than {SERVER_MAX_JSON_DEPTH} levels")
-    try:  # lone surrogates (\ud800) decode fine but cannot be stored or sent back
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise _json_invalid(0, f"invalid unicode escape ({exc.reason})") from None
+    # Lone surrogates (\ud800) decode fine but cannot be stored or sent back. Valid UTF-8 text
+    # cannot hold one, so only a \uD8xx-\uDFxx escape can make one: re-encode only then.
+    if "\\ud" in text or "\\uD" in text:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _json_invalid(0, f"invalid unicode escape ({exc.reason})") from None
     return value
 
 

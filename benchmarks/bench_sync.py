@@ -308,6 +308,15 @@ def mcp_initialize(home: Path) -> float:
 
 def bench_size(n: int, root: Path, repeats: int, log) -> dict:
     """Every per-N measurement; returns medians (seconds / MB) and raw samples."""
+    servers: List[Server] = []
+    try:
+        return _bench_size(n, root, repeats, log, servers)
+    finally:
+        for server in servers:  # also when a step failed: never leave a server behind
+            server.stop()
+
+
+def _bench_size(n: int, root: Path, repeats: int, log, servers: List[Server]) -> dict:
     out: dict = {"n": n, "samples": {}}
     samples = out["samples"]
 
@@ -333,6 +342,7 @@ def bench_size(n: int, root: Path, repeats: int, log) -> dict:
             shutil.rmtree(device_a, ignore_errors=True)
         data = top / f"server{r}"
         server = our_server(data)
+        servers.append(server)
         key = cfs.server_add_user(data, "bench@example.com")
         device_a = top / f"device-a{r}"
         shutil.copytree(template, device_a)
@@ -345,6 +355,7 @@ def bench_size(n: int, root: Path, repeats: int, log) -> dict:
         log(f"  first push {r + 1}: {result.seconds:.2f}s rss {result.rss_mb:.0f} MB")
     for r in range(repeats):
         fserver = floor_server(top / f"floor{r}")
+        servers.append(fserver)
         try:
             keep("floor_push", run([sys.executable, FLOOR, "push", str(template / "sync.db"), fserver.url]).seconds)
             if r == repeats - 1:
