@@ -155,8 +155,15 @@ def parse_ts(value: Optional[str]) -> Optional[datetime]:
     return dt.astimezone(timezone.utc)
 
 
+_CANONICAL_TS = re.compile(r"[1-9]\d{3}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+
+
 def normalize_ts(value: Optional[str]) -> Optional[str]:
     """Return a timestamp in our canonical UTC ``Z`` form (None stays None)."""
+    if isinstance(value, str) and len(value) == 27 and _CANONICAL_TS.fullmatch(value):
+        # Already canonical (every synced row is): validate the date, skip the strftime.
+        datetime.fromisoformat(value[:-1])
+        return value
     dt = parse_ts(value)
     return format_ts(dt) if dt else None
 
@@ -281,18 +288,20 @@ class Memory:
         tags = obj.get("tags") or []
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ValueError(f"memory {mem_id}: tags must be a list of strings")
-        now = utc_now()
+        metadata = _json_obj(obj.get("metadata"), "metadata")
+        created, updated = normalize_ts(obj.get("created_at")), normalize_ts(obj.get("updated_at"))
+        if created is None or updated is None:  # utc_now() only when needed: it is not free
+            now = utc_now()
+            created, updated = created or now, updated or now
         encrypted = bool(obj.get("encrypted", False))
         return cls(
             id=mem_id, content=content, type=str(obj.get("type") or "fact"),
             summary=obj.get("summary"), tags=tags,
             namespace_id=str(obj.get("namespace_id") or "global"),
             source_repo=obj.get("source_repo"), source_file=obj.get("source_file"),
-            session_id=obj.get("session_id"),
-            metadata=_json_obj(obj.get("metadata"), "metadata"),
+            session_id=obj.get("session_id"), metadata=metadata,
             extra={k: obj[k] for k in _MEMORY_WIRE_EXTRAS if obj.get(k) is not None},
-            created_at=normalize_ts(obj.get("created_at")) or now,
-            updated_at=normalize_ts(obj.get("updated_at")) or now,
+            created_at=created, updated_at=updated,
             deleted_at=normalize_ts(obj.get("deleted_at")),
             vector_clock=_clock(obj.get("vector_clock")),
             content_hash=obj.get("content_hash") or ("" if encrypted else content_hash(content)),
@@ -338,8 +347,7 @@ class Session:
         """Validate and build a Session from a protocol object (raises ValueError)."""
         if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not obj["id"]:
             raise ValueError("session id must be a non-empty string")
-        now = utc_now()
-        started = normalize_ts(obj.get("started_at")) or normalize_ts(obj.get("created_at")) or now
+        started = normalize_ts(obj.get("started_at")) or normalize_ts(obj.get("created_at")) or utc_now()
         return cls(
             id=obj["id"], label=obj.get("label"), tool=str(obj.get("tool") or "contextfs"),
             repo=obj.get("repo_path"), started_at=started,
@@ -398,13 +406,16 @@ class Edge:
         weight = obj.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ValueError("edge weight must be a number")
-        now = utc_now()
+        metadata = _json_obj(obj.get("metadata"), "metadata")
+        created, updated = normalize_ts(obj.get("created_at")), normalize_ts(obj.get("updated_at"))
+        if created is None or updated is None:
+            now = utc_now()
+            created, updated = created or now, updated or now
         return cls(
             from_id=obj["from_id"], to_id=obj["to_id"], relation=obj["relation"],
-            weight=float(weight), metadata=_json_obj(obj.get("metadata"), "metadata"),
+            weight=float(weight), metadata=metadata,
             extra={k: obj[k] for k in _EDGE_WIRE_EXTRAS if obj.get(k) is not None},
-            created_at=normalize_ts(obj.get("created_at")) or now,
-            updated_at=normalize_ts(obj.get("updated_at")) or now,
+            created_at=created, updated_at=updated,
             deleted_at=normalize_ts(obj.get("deleted_at")),
             vector_clock=_clock(obj.get("vector_clock")),
         )
@@ -479,14 +490,26 @@ def conflict_copy_id(memory_id: str, taken: Callable[[str], bool]) -> str:
 
 def batches(items: Iterable[dict], max_count: int, max_bytes: int) -> Iterator[List[dict]]:
     """Split wire objects into batches bounded by count and by encoded JSON size."""
-    batch: List[dict] = []
+    for batch in encoded_batches(((item, wire_json(item)) for item in items), max_count, max_bytes):
+        yield [item for item, _data in batch]
+
+
+def wire_json(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, exactly as request bodies are encoded."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def encoded_batches(items: Iterable[Tuple[Any, bytes]], max_count: int,
+                    max_bytes: int) -> Iterator[List[Tuple[Any, bytes]]]:
+    """Split (key, encoded JSON) pairs into batches bounded by count and by total size."""
+    batch: List[Tuple[Any, bytes]] = []
     size = 0
-    for item in items:
-        item_size = len(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode("utf-8")) + 1
+    for key, data in items:
+        item_size = len(data) + 1
         if batch and (len(batch) >= max_count or size + item_size > max_bytes):
             yield batch
             batch, size = [], 0
-        batch.append(item)
+        batch.append((key, data))
         size += item_size
     if batch:
         yield batch
@@ -810,6 +833,10 @@ _MIGRATIONS: List[str] = [
     """
     ALTER TABLE sessions ADD COLUMN conflict_of TEXT;
     """,
+    # 5: expired temporary memories are purged by every command: find them without a table scan
+    """
+    CREATE INDEX memories_expires ON memories (expires_at) WHERE expires_at IS NOT NULL;
+    """,
 ]
 
 # Full-text search: an external-content FTS5 table kept in step by triggers. Created outside
@@ -845,8 +872,15 @@ _JSON_COLUMNS = {"tags", "metadata", "extra", "vector_clock"}
 _BOOL_COLUMNS = {"draft", "encrypted", "dirty"}
 
 
+_EMPTY_TEXT: Dict[type, str] = {dict: "{}", list: "[]"}
+_ENCODER: Any = None
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    global _ENCODER
+    if _ENCODER is None:  # json.dumps with options builds a new encoder per call: reuse one
+        _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    return _ENCODER.encode(value)
 
 
 def _to_row(obj: Any, columns: Tuple[str, ...]) -> tuple:
@@ -854,7 +888,7 @@ def _to_row(obj: Any, columns: Tuple[str, ...]) -> tuple:
     for col in columns:
         value = getattr(obj, col)
         if col in _JSON_COLUMNS:
-            value = _dumps(value)
+            value = _dumps(value) if value else _EMPTY_TEXT.get(type(value)) or _dumps(value)
         elif col in _BOOL_COLUMNS:
             value = int(bool(value))
         values.append(value)
@@ -862,17 +896,36 @@ def _to_row(obj: Any, columns: Tuple[str, ...]) -> tuple:
 
 
 def _from_row(cls: type, row: sqlite3.Row, columns: Tuple[str, ...]) -> Any:
-    kwargs = {}
-    for col in columns:
-        value = row[col]
-        if col in _JSON_COLUMNS:
-            value = json.loads(value) if value else ({} if col != "tags" else [])
-        elif col in _BOOL_COLUMNS:
-            value = bool(value)
-        if cls is Edge and col == "id":
-            continue
-        kwargs[col] = value
-    return cls(**kwargs)
+    return _from_rows(cls, [row], columns)[0]
+
+
+_EMPTY_JSON: Dict[str, Callable[[], Any]] = {"{}": dict, "[]": list}
+
+
+def _from_rows(cls: type, rows: List[sqlite3.Row], columns: Tuple[str, ...]) -> List[Any]:
+    """Rows of one query as objects: column positions are looked up once, not per row and name."""
+    if not rows:
+        return []
+    position = {name: i for i, name in enumerate(rows[0].keys())}
+    plan = [(col, position[col], 1 if col in _JSON_COLUMNS else 2 if col in _BOOL_COLUMNS else 0)
+            for col in columns if not (cls is Edge and col == "id")]
+    loads, empty = json.loads, _EMPTY_JSON
+    objs = []
+    for row in rows:
+        kwargs = {}
+        for col, i, conv in plan:
+            value = row[i]
+            if conv == 1:
+                if not value:
+                    value = {} if col != "tags" else []
+                else:
+                    make = empty.get(value)
+                    value = make() if make is not None else loads(value)
+            elif conv == 2:
+                value = bool(value)
+            kwargs[col] = value
+        objs.append(cls(**kwargs))
+    return objs
 
 
 _KINDS = {
@@ -1137,7 +1190,7 @@ class Store:
         sql += " ORDER BY updated_at DESC, id LIMIT ?"
         with self._lock:
             rows = self.conn.execute(sql, params + [max(0, int(limit))]).fetchall()
-        return [_from_row(Memory, r, _MEMORY_COLUMNS) for r in rows]
+        return _from_rows(Memory, rows, _MEMORY_COLUMNS)
 
     @staticmethod
     def _filters(type: Optional[str], include_deleted: bool) -> Tuple[List[str], List[Any]]:
@@ -1304,7 +1357,7 @@ class Store:
             params += [memory_id, memory_id]
         with self._lock:
             rows = self.conn.execute(sql + " ORDER BY created_at", params).fetchall()
-        return [_from_row(Edge, r, _EDGE_COLUMNS) for r in rows]
+        return _from_rows(Edge, rows, _EDGE_COLUMNS)
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -1343,7 +1396,7 @@ class Store:
         with self._lock:
             rows = self.conn.execute("SELECT * FROM sessions WHERE deleted_at IS NULL "
                                      "ORDER BY started_at DESC LIMIT ?", (limit,)).fetchall()
-        return [_from_row(Session, r, _SESSION_COLUMNS) for r in rows]
+        return _from_rows(Session, rows, _SESSION_COLUMNS)
 
 
 class _Transaction:
@@ -2121,8 +2174,15 @@ class CloudClient:
         self.sleep = sleep
         self.requests = 0  # counted for tests and benchmarks (requests per sync)
         headers = {"User-Agent": f"contextfs-sync/{__version__}", "Accept": "application/json"}
-        # verify=True always: TLS verification cannot be turned off from here.
-        self._http = httpx.Client(base_url=self.server_url, headers=headers, verify=True,
+        # TLS verification cannot be turned off from here. A plain http:// base URL (loopback, or
+        # --insecure) never does TLS (no redirects are followed), so it gets a verifying context
+        # without the CA bundle instead of paying ~30 ms to load certifi at every start.
+        verify: Any = True
+        if self.server_url.startswith("http://"):
+            import ssl
+
+            verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self._http = httpx.Client(base_url=self.server_url, headers=headers, verify=verify,
                                   timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
                                   follow_redirects=False)
 
@@ -2139,8 +2199,12 @@ class CloudClient:
     def __repr__(self) -> str:
         return f"CloudClient({self.server_url!r}, api_key={mask_key(self.api_key)!r})"
 
-    def request(self, method: str, path: str, body: Optional[dict] = None, auth: bool = True) -> dict:
-        """Send one API call with retries; returns the decoded JSON object or raises a ContextFSError."""
+    def request(self, method: str, path: str, body: Optional[dict] = None, auth: bool = True,
+                raw_body: Optional[bytes] = None) -> dict:
+        """Send one API call with retries; returns the decoded JSON object or raises a ContextFSError.
+
+        ``raw_body`` is a request body already encoded as JSON (push sends its items encoded once).
+        """
         import httpx
 
         headers = {}
@@ -2148,9 +2212,10 @@ class CloudClient:
             if not self.api_key:
                 raise NotConfigured(MSG_NO_KEY)
             headers["X-API-Key"] = self.api_key
-        content = None
+        content = raw_body
         if body is not None:
             content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if content is not None:
             headers["Content-Type"] = "application/json"
         attempt = 0
         while True:
@@ -2241,12 +2306,29 @@ class CloudClient:
             "device_id": device, "memories": memories, "sessions": sessions, "edges": edges,
             "last_sync_timestamp": None, "backend_type": None, "force": force})
 
+    def push_encoded(self, device: str, plural: str, items: List[bytes], force: bool = False) -> dict:
+        """POST /api/sync/push of one list whose items are already JSON-encoded (same body as push)."""
+        lists = {name: b"[" + b",".join(items) + b"]" if name == plural else b"[]"
+                 for name in ("memories", "sessions", "edges")}
+        body = (b'{"device_id":' + json.dumps(device, ensure_ascii=False).encode("utf-8")
+                + b',"memories":' + lists["memories"] + b',"sessions":' + lists["sessions"]
+                + b',"edges":' + lists["edges"] + b',"last_sync_timestamp":null,"backend_type":null,"force":'
+                + (b"true" if force else b"false") + b"}")
+        return self.request("POST", "/api/sync/push", raw_body=body)
+
     def pull(self, device: str, cursor: Optional[str], since: Optional[str], limit: int,
-             offset: int = 0) -> dict:
-        """POST /api/sync/pull (``cursor`` is our server's extension; anchors ignore it)."""
-        return self.request("POST", "/api/sync/pull", {
-            "device_id": device, "since_timestamp": since, "namespace_ids": None,
-            "backend_type": None, "limit": limit, "offset": offset, "cursor": cursor})
+             offset: int = 0, exclude_own: Optional[Tuple[int, int]] = None) -> dict:
+        """POST /api/sync/pull (``cursor`` is our server's extension; anchors ignore it).
+
+        ``exclude_own`` = (first, last) server seq of this device's pushes in this sync (also
+        our extension): the server leaves out the rows we wrote in that range, which we already
+        hold exactly as stored, instead of sending them straight back.
+        """
+        body = {"device_id": device, "since_timestamp": since, "namespace_ids": None,
+                "backend_type": None, "limit": limit, "offset": offset, "cursor": cursor}
+        if exclude_own is not None:
+            body["exclude_own_seqs"] = list(exclude_own)
+        return self.request("POST", "/api/sync/pull", body)
 
     def diff(self, device: str, memories: List[dict], sessions: List[dict], edges: List[dict]) -> dict:
         """POST /api/sync/diff with a manifest of local rows."""
@@ -2414,6 +2496,10 @@ class SyncEngine:
         account = hashlib.sha256((client.api_key or "").encode()).hexdigest()[:12]
         # Cursors belong to one server and one account: switching either starts afresh.
         self.scope = f"{client.server_url}|{account}"
+        # (first, last) server seq of the rows this sync pushed and settled: the pull that follows
+        # asks the server to leave them out instead of sending them straight back. Only a push
+        # in this same run sets it, so a store without a cursor (lost sync.db) still gets all.
+        self._own_seqs: Optional[Tuple[int, int]] = None
 
     def run(self, direction: str = "both", push_all: bool = False, force: bool = False,
             dry_run: bool = False) -> SyncReport:
@@ -2458,8 +2544,7 @@ class SyncEngine:
                     f"ORDER BY {order} LIMIT ?", (after, PUSH_BATCH_ITEMS)).fetchall()
             if not rows:
                 return
-            for row in rows:
-                yield _from_row(cls, row, columns)
+            yield from _from_rows(cls, rows, columns)
             after = rows[-1]["_rowid"] if push_all else rows[-1]["seq"]
 
     def _wire(self, kind: str, obj: Any) -> dict:
@@ -2474,9 +2559,14 @@ class SyncEngine:
         """Send dirty (or, with push_all, all) syncable rows in bounded batches."""
         plural = {"memory": "memories", "session": "sessions", "edge": "edges"}
         where = _PUSHABLE["memory"]
-        deletions, total = self.store.conn.execute(
-            f"SELECT count(*) FILTER (WHERE dirty = 1 AND deleted_at IS NOT NULL), "
-            f"count(*) FILTER (WHERE deleted_at IS NULL OR dirty = 1) FROM memories WHERE {where}").fetchone()
+        # Dirty deletions are found through the dirty index; the whole store is counted only
+        # when there are enough of them to matter (no table scan on an ordinary sync).
+        deletions = self.store.conn.execute(
+            f"SELECT count(*) FROM memories WHERE dirty = 1 AND deleted_at IS NOT NULL AND {where}").fetchone()[0]
+        total = 0
+        if deletions > MASS_DELETE_MIN:
+            total = self.store.conn.execute(
+                f"SELECT count(*) FROM memories WHERE {where} AND (deleted_at IS NULL OR dirty = 1)").fetchone()[0]
         if is_mass_delete(deletions, total) and not force:
             if not dry_run:
                 raise MassDeleteError(_mass_delete_message("on the server", deletions, total))
@@ -2491,24 +2581,28 @@ class SyncEngine:
                         report.plan.append({"op": "push", "kind": kind, "id": obj.id,
                                             "deleted": obj.deleted_at is not None})
                 continue
-            sent: Dict[str, int] = {}
-
-            def wire_rows() -> Iterator[dict]:
-                for obj in rows:
-                    sent[obj.id] = obj.seq
-                    yield self._wire(kind, obj)
-
-            for batch in batches(wire_rows(), PUSH_BATCH_ITEMS, PUSH_BATCH_BYTES):
-                lists = {"memories": [], "sessions": [], "edges": []}
-                lists[plural[kind]] = batch
-                response = self.client.push(self.store.device_id, force=force, **lists)
-                batch_seqs = {item["id"]: sent.pop(item["id"]) for item in batch}
+            # Each item is encoded once: its size bounds the batch and its bytes go in the body.
+            encoded = (((obj.id, obj.seq), wire_json(self._wire(kind, obj))) for obj in rows)
+            for batch in encoded_batches(encoded, PUSH_BATCH_ITEMS, PUSH_BATCH_BYTES):
+                response = self.client.push_encoded(self.store.device_id, plural[kind],
+                                                    [data for _key, data in batch], force=force)
+                batch_seqs = dict(key for key, _data in batch)
                 accepted = self._settle_push(kind, batch_seqs, response)
+                self._note_own_seqs(response)
                 report.pushed[plural[kind]] += accepted
                 report.rejected += len(batch) - accepted
                 self.progress(f"pushed {sum(report.pushed.values())}")
         if not dry_run:
             self.store.set_state("last_push_at", utc_now())
+
+    def _note_own_seqs(self, response: dict) -> None:
+        """Widen the server seq range our pushes in this sync were stored at (reference server)."""
+        span = response.get("seq_range")
+        if not (isinstance(span, list) and len(span) == 2 and span[0] <= span[1]
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
+            return
+        own = self._own_seqs
+        self._own_seqs = (span[0], span[1]) if own is None else (min(own[0], span[0]), max(own[1], span[1]))
 
     def _settle_push(self, kind: str, seqs: Dict[str, int], response: dict) -> int:
         """Mark accepted rows clean (only if not rewritten meanwhile); return how many were accepted."""
@@ -2539,10 +2633,10 @@ class SyncEngine:
 
     def pull(self, report: SyncReport, dry_run: bool = False, force: bool = False) -> None:
         """Fetch cloud changes page by page; each page commits together with its cursor."""
-        live_total = self.store.conn.execute(
-            "SELECT count(*) FROM memories WHERE deleted_at IS NULL AND conflict_of IS NULL").fetchone()[0]
         self._deletions = 0
-        self._delete_guard = (live_total, force)
+        # The live count for the mass-delete guard is taken before the first change is applied,
+        # lazily: a sync with nothing to pull never scans the table.
+        self._delete_guard: Tuple[Optional[int], bool] = (None, force)
         cursor_key, since_key = f"pull_cursor|{self.scope}", f"pull_since|{self.scope}"
         cursor = self.store.state(cursor_key)
         since = self.store.state(since_key)
@@ -2550,8 +2644,13 @@ class SyncEngine:
             since = format_ts(parse_ts(since) - timedelta(seconds=PULL_OVERLAP_SECONDS))
         offset, first_timestamp = 0, None
         for _page in range(PULL_MAX_PAGES):
-            response = self.client.pull(self.store.device_id, cursor, since, PULL_PAGE_SIZE, offset)
+            response = self.client.pull(self.store.device_id, cursor, since, PULL_PAGE_SIZE, offset,
+                                        exclude_own=self._own_seqs)
             page = self._parse_page(response)
+            if self._delete_guard[0] is None and any(page.values()):
+                live_total = self.store.conn.execute(
+                    "SELECT count(*) FROM memories WHERE deleted_at IS NULL AND conflict_of IS NULL").fetchone()[0]
+                self._delete_guard = (live_total, force)
             first_timestamp = first_timestamp or response.get("server_timestamp")
             next_cursor = response.get("next_cursor")
             if next_cursor is not None and not isinstance(next_cursor, str):
@@ -2576,6 +2675,7 @@ class SyncEngine:
                 offset += step
         else:  # pragma: no cover - needs a server that pages forever
             raise ServerError("The server's pull paging never ended; stopping (nothing was lost)")
+        live_total = self._delete_guard[0] or 0
         if dry_run and is_mass_delete(self._deletions, live_total):
             report.warnings.append(_mass_delete_message("on this device", self._deletions, live_total))
         if not dry_run:
@@ -2627,8 +2727,9 @@ class SyncEngine:
                 table, cls, columns = _KINDS[kind]
                 # One query per page and kind for the local versions: flat cost per item.
                 ids = [obj.id for obj in incoming]
-                local_rows = {r["id"]: _from_row(cls, r, columns) for r in store.conn.execute(
-                    f"SELECT * FROM {table} WHERE id IN (SELECT value FROM json_each(?))", (_dumps(ids),))}
+                rows = store.conn.execute(
+                    f"SELECT * FROM {table} WHERE id IN (SELECT value FROM json_each(?))", (_dumps(ids),)).fetchall()
+                local_rows = {r["id"]: obj for r, obj in zip(rows, _from_rows(cls, rows, columns))}
                 writes: List[Any] = []
                 for cloud in incoming:
                     local = local_rows.get(cloud.id)
@@ -2904,10 +3005,13 @@ def decode_json_body(raw: bytes) -> Any:
         raise _json_invalid(0, "JSON nested too deeply") from None
     if isinstance(value, (dict, list)) and _json_too_deep(value, SERVER_MAX_JSON_DEPTH):
         raise _json_invalid(0, f"JSON nested deeper than {SERVER_MAX_JSON_DEPTH} levels")
-    try:  # lone surrogates (\ud800) decode fine but cannot be stored or sent back
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise _json_invalid(0, f"invalid unicode escape ({exc.reason})") from None
+    # Lone surrogates (\ud800) decode fine but cannot be stored or sent back. Valid UTF-8 text
+    # cannot hold one, so only a \uD8xx-\uDFxx escape can make one: re-encode only then.
+    if "\\ud" in text or "\\uD" in text:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _json_invalid(0, f"invalid unicode escape ({exc.reason})") from None
     return value
 
 
@@ -3075,6 +3179,33 @@ def _wire_row(kind: str, body_json: str) -> dict:
     if kind == "memory":
         obj["embedding"] = None
     return obj
+
+
+def _wire_row_json(kind: str, body_json: str) -> str:
+    """``_wire_row`` as JSON text, without decoding the stored row when it can be avoided."""
+    if kind != "memory":
+        return body_json
+    if '"embedding"' not in body_json and body_json.endswith("}") and body_json != "{}":
+        return body_json[:-1] + ',"embedding":null}'  # the key _wire_row appends last
+    return _json_text(_wire_row(kind, body_json))
+
+
+def _json_text(value: Any) -> str:
+    """How the server encodes answers: compact, UTF-8 (not ASCII-escaped)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class _RawJSON:
+    """An answer (or part of one) already encoded as JSON text."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _raw_json_object(pairs: List[Tuple[str, Any]]) -> _RawJSON:
+    """A JSON object from (key, value) pairs in order; _RawJSON values are inserted as they are."""
+    return _RawJSON("{" + ",".join(_json_text(k) + ":" + (v.text if isinstance(v, _RawJSON) else _json_text(v))
+                                   for k, v in pairs) + "}")
 
 
 def _server_connect(path: Path) -> sqlite3.Connection:
@@ -3430,9 +3561,20 @@ class SyncServerApp:
         with _ServerTx(conn, immediate=True):
             self._claim_device(conn, user["id"], device_id, server_timestamp)
             received_at = utc_now()  # taken under the write lock: see pull's anchor mode
+            # Per request, not per item: one query per kind for the stored clocks, one counter
+            # update, one executemany per kind. Items apply in order, as if one by one: a later
+            # item with the same key sees the earlier one's write through `known`/`pending`.
+            known = self._stored_clocks(conn, user["id"], items)
+            pending: Dict[Tuple[str, Tuple[str, ...]], str] = {}
+            first_seq = seq = conn.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+            writes: Dict[str, List[dict]] = {kind: [] for kind in _SERVER_KINDS}
             for kind, key, entity, clock in items:
-                verdict, stored, conflict = self._apply(conn, user["id"], kind, key, entity, clock,
-                                                        bool(force), device_id, received_at)
+                verdict, stored, conflict, row = self._apply(
+                    conn, user["id"], kind, key, entity, clock, bool(force), device_id, received_at,
+                    known, pending, seq + 1)
+                if row is not None:
+                    seq += 1
+                    writes[kind].append(row)
                 if verdict == "conflict":
                     conflicts.append(conflict)
                 else:
@@ -3441,27 +3583,61 @@ class SyncServerApp:
                         counts[f"{verdict}_{_SERVER_KINDS[kind][2]}"] += 1
                 results.append({"entity_type": kind, "id": entity["id"], "status": verdict,
                                 "vector_clock": stored})
+            for kind, rows in writes.items():
+                if rows:
+                    columns = list(rows[0])
+                    conn.executemany(f"INSERT OR REPLACE INTO {_SERVER_KINDS[kind][0]} ({', '.join(columns)}) "
+                                     f"VALUES ({', '.join('?' * len(columns))})", [tuple(r.values()) for r in rows])
+            if seq > first_seq:
+                conn.execute("UPDATE counters SET value = ? WHERE name = 'seq'", (seq,))
         status = "conflict" if conflicts else ("partial" if counts["rejected"] else "success")
+        # seq_range (our extension): the server seqs this request's accepted rows were stored at.
         return dict(success=not conflicts, status=status, **counts, conflicts=conflicts,
-                    server_timestamp=server_timestamp, message=None, pushed_items=[], results=results)
+                    server_timestamp=server_timestamp, message=None, pushed_items=[], results=results,
+                    seq_range=[first_seq + 1, seq] if seq > first_seq else None)
+
+    @staticmethod
+    def _stored_clocks(conn: sqlite3.Connection, user_id: str,
+                       items: List[Tuple[str, Tuple[str, ...], dict, Clock]]) -> Dict[Tuple[str, Tuple[str, ...]], str]:
+        """The stored vector_clock (JSON text) of every item key that exists, one query per kind."""
+        known: Dict[Tuple[str, Tuple[str, ...]], str] = {}
+        for kind, (table, key_columns, _plural) in _SERVER_KINDS.items():
+            keys = [list(key) for k, key, _entity, _clock in items if k == kind]
+            if not keys:
+                continue
+            n = len(key_columns)
+            picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(n))
+            for row in conn.execute(
+                    f"SELECT {', '.join(key_columns)}, vector_clock FROM {table} WHERE user_id = ? AND "
+                    f"({', '.join(key_columns)}) IN (SELECT {picks} FROM json_each(?))", (user_id, _dumps(keys))):
+                known[(kind, tuple(row[:n]))] = row[n]
+        return known
 
     def _apply(self, conn: sqlite3.Connection, user_id: str, kind: str, key: Tuple[str, ...],
-               entity: dict, clock: Clock, force: bool, device_id: str,
-               received_at: str) -> Tuple[str, Clock, Optional[dict]]:
-        """The server's clock rule for one item: (verdict, stored clock, conflict entry)."""
+               entity: dict, clock: Clock, force: bool, device_id: str, received_at: str,
+               known: Dict[Tuple[str, Tuple[str, ...]], str], pending: Dict[Tuple[str, Tuple[str, ...]], str],
+               seq: int) -> Tuple[str, Clock, Optional[dict], Optional[dict]]:
+        """The server's clock rule for one item: (verdict, stored clock, conflict entry, row to write).
+
+        ``known`` holds the stored clocks (updated here on accept), ``pending`` the bodies
+        written earlier in this request, ``seq`` the sequence number an accepted row takes.
+        """
         table, key_columns, _plural = _SERVER_KINDS[kind]
-        where = " AND ".join(f"{c} = ?" for c in key_columns)
-        row = conn.execute(f"SELECT vector_clock, body FROM {table} WHERE user_id = ? AND {where}",
-                           (user_id,) + key).fetchone()
-        if row is None:
+        stored_clock = known.get((kind, key))
+        if stored_clock is None:
             stored = clock  # no server tick on insert (protocol.md gap 15)
         else:
-            server_clock = json.loads(row["vector_clock"])
+            server_clock = json.loads(stored_clock)
             order = clock_compare(server_clock, clock)
             if order == "after" and not force:
-                return "rejected", server_clock, None
+                return "rejected", server_clock, None, None
             if order == "concurrent" and not force:
-                server_obj = json.loads(row["body"])
+                body_json = pending.get((kind, key))
+                if body_json is None:
+                    where = " AND ".join(f"{c} = ?" for c in key_columns)
+                    body_json = conn.execute(f"SELECT body FROM {table} WHERE user_id = ? AND {where}",
+                                             (user_id,) + key).fetchone()[0]
+                server_obj = json.loads(body_json)
                 field_name = {"memory": "content", "session": "summary"}.get(kind)
                 return "conflict", server_clock, {
                     "entity_id": entity["id"], "entity_type": kind, "client_clock": clock,
@@ -3469,18 +3645,18 @@ class SyncServerApp:
                     "client_content": entity.get(field_name) if field_name else None,
                     "server_content": server_obj.get(field_name) if field_name else None,
                     "client_updated_at": entity.get("updated_at"),
-                    "server_updated_at": server_obj.get("updated_at")}
+                    "server_updated_at": server_obj.get("updated_at")}, None
             stored = clock_merge(clock, server_clock)
         entity = dict(entity, vector_clock=stored, last_modified_by=device_id)
         values = dict(zip(key_columns, key))
         values.update(user_id=user_id, id=entity["id"], namespace_id=entity.get("namespace_id"),
                       content_hash=entity.get("content_hash"), updated_at=entity.get("updated_at"),
                       deleted_at=entity.get("deleted_at"), vector_clock=_dumps(stored),
-                      last_modified_by=device_id, received_at=received_at, seq=self._next_seq(conn),
+                      last_modified_by=device_id, received_at=received_at, seq=seq,
                       body=_dumps(entity))
-        conn.execute(f"INSERT OR REPLACE INTO {table} ({', '.join(values)}) "
-                     f"VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
-        return "accepted", stored, None
+        known[(kind, key)] = values["vector_clock"]
+        pending[(kind, key)] = values["body"]
+        return "accepted", stored, None, values
 
     @staticmethod
     def _namespace_filter(kind: str, namespaces: Optional[List[str]]) -> Tuple[str, List[Any]]:
@@ -3488,7 +3664,7 @@ class SyncServerApp:
             return "", []
         return f" AND namespace_id IN ({', '.join('?' * len(namespaces))})", list(namespaces)
 
-    def pull(self, conn: sqlite3.Connection, user: sqlite3.Row, body: dict, ip: str) -> dict:
+    def pull(self, conn: sqlite3.Connection, user: sqlite3.Row, body: dict, ip: str) -> Any:
         """POST /api/sync/pull: by server sequence (``cursor``) or, for anchor clients, by time."""
         server_timestamp = utc_now()
         schema = _Schema()
@@ -3506,6 +3682,11 @@ class SyncServerApp:
                 after = int(text)
             else:
                 schema.add("value_error", ("body", "cursor"), "Value error, not a cursor returned by this server")
+        own = body.get("exclude_own_seqs")  # our extension: see CloudClient.pull
+        if own is not None and not (isinstance(own, list) and len(own) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2 ** 62 for x in own)):
+            schema.add("value_error", ("body", "exclude_own_seqs"), "Value error, expected [first_seq, last_seq]")
+            own = None
         schema.raise_if_any()
         limit = min(max(limit, 1), SERVER_PULL_LIMIT_MAX)
         offset = min(max(offset, 0), 2 ** 62)
@@ -3516,12 +3697,18 @@ class SyncServerApp:
             with _ServerTx(conn, immediate=True):
                 self._claim_device(conn, user_id, device_id, server_timestamp)
             rows: List[Tuple[int, str, str]] = []
+            # Rows this device itself wrote in the range its last pushes were stored at are left
+            # out: it holds them already, exactly as stored (it settled them from our answers).
+            own_sql, own_args = "", []
+            if own is not None:
+                own_sql, own_args = " AND NOT (seq BETWEEN ? AND ? AND last_modified_by = ?)", [own[0], own[1], device_id]
             with _ServerTx(conn, immediate=False):  # one snapshot across the three tables
                 for kind, (table, _key, _plural) in _SERVER_KINDS.items():
                     ns_sql, ns_args = self._namespace_filter(kind, namespaces)
                     rows += [(r[0], kind, r[1]) for r in conn.execute(
-                        f"SELECT seq, body FROM {table} WHERE user_id = ? AND seq > ?{ns_sql} "
-                        f"ORDER BY seq LIMIT ?", [user_id, after] + ns_args + [limit + 1])]
+                        f"SELECT seq, body FROM {table} WHERE user_id = ? AND seq > ?{ns_sql}{own_sql} "
+                        f"ORDER BY seq LIMIT ?", [user_id, after] + ns_args + own_args + [limit + 1])]
+                top_seq = conn.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
             rows.sort()
             has_more = len(rows) > limit
             rows = rows[:limit]
@@ -3533,13 +3720,25 @@ class SyncServerApp:
                 if n and size > self.max_body:
                     rows, has_more = rows[:n], True
                     break
-            for _seq, kind, body_json in rows:
-                lists[kind].append(_wire_row(kind, body_json))
             next_cursor = str(rows[-1][0]) if rows else str(after)
-            next_offset = 0
+            if own is not None and not has_more and not namespaces:
+                # Everything up to the excluded range's end was sent or left out on purpose: move
+                # past it (never past the last seq handed out), or the next sync would fetch it.
+                next_cursor = str(max(int(next_cursor), min(own[1], top_seq)))
             with _ServerTx(conn, immediate=True):
                 conn.execute("UPDATE devices SET served_seq = ?, sync_cursor = ? WHERE device_id = ? "
                              "AND user_id = ?", (int(next_cursor), server_timestamp, device_id, user_id))
+            # The stored rows are spliced into the answer as they are (no decode, no re-encode):
+            # the bytes are the same as encoding _wire_row() of each.
+            pieces: Dict[str, List[str]] = {"memory": [], "session": [], "edge": []}
+            for _seq, kind, body_json in rows:
+                pieces[kind].append(_wire_row_json(kind, body_json))
+            return _raw_json_object([
+                ("success", True), ("memories", _RawJSON("[" + ",".join(pieces["memory"]) + "]")),
+                ("sessions", _RawJSON("[" + ",".join(pieces["session"]) + "]")),
+                ("edges", _RawJSON("[" + ",".join(pieces["edge"]) + "]")),
+                ("server_timestamp", server_timestamp), ("has_more", has_more),
+                ("next_cursor", next_cursor), ("next_offset", 0)])
         else:
             # Anchor mode filters on the server's receive time, never on client clocks. The
             # write lock makes the snapshot and server_timestamp agree: every later push stamps
@@ -3733,7 +3932,7 @@ def _make_handler(app: SyncServerApp) -> type:
             return data
 
         def _respond(self, status: int, payload: Any, headers: Dict[str, str]) -> None:
-            data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            data = (payload.text if isinstance(payload, _RawJSON) else _json_text(payload)).encode("utf-8")
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
