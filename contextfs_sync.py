@@ -4605,8 +4605,51 @@ def _claim_stdout() -> Any:
     return out
 
 
+def _mcp_read_stdin(fd: int, server: "McpServer", lines: "queue.Queue[Optional[bytes]]") -> None:
+    """Stdin reader thread: one message per line onto ``lines``, then None at EOF.
+
+    Reads the raw descriptor (no buffered-reader lock a daemon thread could hold at exit)."""
+    pending = bytearray()
+    skipping = False  # inside a message already refused as oversized
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except InterruptedError:
+            continue
+        except OSError:
+            break  # stdin closed under us: treat as EOF
+        if not chunk:
+            break
+        pending += chunk
+        while True:
+            end = pending.find(b"\n")
+            if end < 0:
+                if len(pending) > MCP_MAX_MESSAGE_BYTES and not skipping:
+                    skipping = True
+                    server.send(_mcp_oversized_error())
+                if skipping:
+                    pending.clear()
+                break
+            line = bytes(pending[:end + 1])
+            del pending[:end + 1]
+            if skipping:
+                skipping = False  # that newline ended the refused message
+            elif end > MCP_MAX_MESSAGE_BYTES:
+                server.send(_mcp_oversized_error())
+            else:
+                lines.put(line)
+    if pending and not skipping:
+        lines.put(bytes(pending))  # a last message without its newline
+    lines.put(None)
+
+
+def _mcp_oversized_error() -> dict:
+    return _rpc_error(None, RPC_INVALID_REQUEST, f"Invalid Request: message larger than {MCP_MAX_MESSAGE_BYTES} bytes")
+
+
 def serve_mcp() -> int:
     """Run the MCP server on stdin/stdout until stdin ends or SIGTERM; returns the exit code."""
+    import queue
     import signal
 
     server = McpServer(_claim_stdout())
@@ -4625,17 +4668,20 @@ def serve_mcp() -> int:
         signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:  # not the main thread: the host process owns signal handling
         pass
+    # The main thread waits on a queue with a timeout, never in read(): a SIGTERM that lands
+    # just before a blocking read() would otherwise wait for the client's next message.
+    lines: "queue.Queue[Optional[bytes]]" = queue.Queue()
+    if stdin is not None:
+        threading.Thread(target=_mcp_read_stdin, args=(stdin.fileno(), server, lines),
+                         name="contextfs-mcp-stdin", daemon=True).start()
     try:
         while stdin is not None and not server.closed:
-            line = stdin.readline(MCP_MAX_MESSAGE_BYTES + 1)
-            if not line:
-                break  # EOF: the client is done with us
-            if len(line) > MCP_MAX_MESSAGE_BYTES and not line.endswith(b"\n"):
-                while line and not line.endswith(b"\n"):  # skip the rest of the oversized message
-                    line = stdin.readline(MCP_MAX_MESSAGE_BYTES)
-                server.send(_rpc_error(None, RPC_INVALID_REQUEST,
-                                       f"Invalid Request: message larger than {MCP_MAX_MESSAGE_BYTES} bytes"))
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
                 continue
+            if line is None:
+                break  # EOF: the client is done with us
             server.feed(line)
         server.wait(MCP_EXIT_GRACE_SECONDS)
     except _McpShutdown:
