@@ -2160,13 +2160,33 @@ def _detail(response: Any) -> str:
     return str(detail)
 
 
+def _import_httpx() -> Any:
+    """Import httpx without its optional command-line client (click, rich, pygments).
+
+    ``import httpx`` also imports ``httpx._main`` when click and rich happen to be installed
+    (chromadb pulls them in): ~40 ms of every sync's start-up for a CLI we never run. Hiding
+    that one submodule during the first import makes httpx fall back to its stub ``main``.
+    """
+    if "httpx" in sys.modules:
+        return sys.modules["httpx"]
+    hidden = "httpx._main" not in sys.modules
+    if hidden:
+        sys.modules["httpx._main"] = None  # type: ignore[assignment]  # import raises ImportError
+    try:
+        import httpx
+    finally:
+        if hidden and sys.modules.get("httpx._main", 0) is None:
+            del sys.modules["httpx._main"]
+    return httpx
+
+
 class CloudClient:
     """A ContextFS Cloud API client: X-API-Key auth, timeouts, retries with backoff, clear errors."""
 
     def __init__(self, server_url: str, api_key: Optional[str] = None, insecure: bool = False,
                  retries: int = MAX_RETRIES, timeout: float = READ_TIMEOUT,
                  sleep: Callable[[float], None] = time.sleep):
-        import httpx
+        httpx = _import_httpx()
 
         self.server_url = check_server_url(server_url, insecure)
         self.api_key = api_key
