@@ -2654,9 +2654,13 @@ class SyncEngine:
     def pull(self, report: SyncReport, dry_run: bool = False, force: bool = False) -> None:
         """Fetch cloud changes page by page; each page commits together with its cursor."""
         self._deletions = 0
-        # The live count for the mass-delete guard is taken before the first change is applied,
-        # lazily: a sync with nothing to pull never scans the table.
-        self._delete_guard: Tuple[Optional[int], bool] = (None, force)
+        # The mass-delete guard compares deletions with the live count before this pull. That
+        # count scans the table, so it is taken only once more than MASS_DELETE_MIN deletions
+        # have come in (below that the guard cannot trip): as the count then, minus what this
+        # pull's earlier pages changed (_live_delta). An ordinary pull never scans.
+        self._force = force
+        self._live_before: Optional[int] = None
+        self._live_delta = 0
         cursor_key, since_key = f"pull_cursor|{self.scope}", f"pull_since|{self.scope}"
         cursor = self.store.state(cursor_key)
         since = self.store.state(since_key)
@@ -2667,10 +2671,6 @@ class SyncEngine:
             response = self.client.pull(self.store.device_id, cursor, since, PULL_PAGE_SIZE, offset,
                                         exclude_own=self._own_seqs)
             page = self._parse_page(response)
-            if self._delete_guard[0] is None and any(page.values()):
-                live_total = self.store.conn.execute(
-                    "SELECT count(*) FROM memories WHERE deleted_at IS NULL AND conflict_of IS NULL").fetchone()[0]
-                self._delete_guard = (live_total, force)
             first_timestamp = first_timestamp or response.get("server_timestamp")
             next_cursor = response.get("next_cursor")
             if next_cursor is not None and not isinstance(next_cursor, str):
@@ -2695,9 +2695,10 @@ class SyncEngine:
                 offset += step
         else:  # pragma: no cover - needs a server that pages forever
             raise ServerError("The server's pull paging never ended; stopping (nothing was lost)")
-        live_total = self._delete_guard[0] or 0
-        if dry_run and is_mass_delete(self._deletions, live_total):
-            report.warnings.append(_mass_delete_message("on this device", self._deletions, live_total))
+        if dry_run and self._deletions > MASS_DELETE_MIN:
+            live_total = self._live_total()
+            if is_mass_delete(self._deletions, live_total):
+                report.warnings.append(_mass_delete_message("on this device", self._deletions, live_total))
         if not dry_run:
             if first_timestamp:
                 self.store.set_state(since_key, normalize_ts(first_timestamp))
@@ -2750,6 +2751,8 @@ class SyncEngine:
                 rows = store.conn.execute(
                     f"SELECT * FROM {table} WHERE id IN (SELECT value FROM json_each(?))", (_dumps(ids),)).fetchall()
                 local_rows = {r["id"]: obj for r, obj in zip(rows, _from_rows(cls, rows, columns))}
+                live_before = {i: o.deleted_at is None and o.conflict_of is None
+                               for i, o in local_rows.items()} if kind == "memory" else {}
                 writes: List[Any] = []
                 for cloud in incoming:
                     local = local_rows.get(cloud.id)
@@ -2792,16 +2795,28 @@ class SyncEngine:
                     report.pulled[plural[kind]] += 1
                     if kind == "memory":
                         (deleted if cloud.deleted_at else upserted).append(cloud.id)
-                live_total, force = self._delete_guard
-                if kind == "memory" and not dry_run and not force and is_mass_delete(self._deletions, live_total):
+                if (kind == "memory" and not dry_run and not self._force and self._deletions > MASS_DELETE_MIN
+                        and is_mass_delete(self._deletions, self._live_total())):
                     # Raised inside the page's transaction, after counting the whole page (so the
                     # message gives the real number): this page is rolled back whole.
-                    raise MassDeleteError(_mass_delete_message("on this device", self._deletions, live_total))
+                    raise MassDeleteError(_mass_delete_message("on this device", self._deletions,
+                                                               self._live_total()))
                 if writes:
                     self._write_many(kind, writes)
+                    if kind == "memory":  # live rows gained (+) or lost (-) under these ids
+                        self._live_delta += sum((obj.deleted_at is None) - live_before.get(obj.id, False)
+                                                for obj in writes)
             if not dry_run and next_cursor is not None:
                 store.set_state(cursor_key, next_cursor)
         return upserted, deleted
+
+    def _live_total(self) -> int:
+        """Live memories before this pull: counted now, less what its applied pages changed."""
+        if self._live_before is None:
+            now = self.store.conn.execute(
+                "SELECT count(*) FROM memories WHERE deleted_at IS NULL AND conflict_of IS NULL").fetchone()[0]
+            self._live_before = now - self._live_delta
+        return self._live_before
 
     def _write_many(self, kind: str, objs: List[Any]) -> None:
         table, _cls, columns = _KINDS[kind]

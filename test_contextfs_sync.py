@@ -3354,3 +3354,200 @@ def test_deletes_under_the_threshold_need_no_force(rel_server, tmp_path, total, 
     report = sync(desktop)
     assert report["pulled"]["memories"] == deleted and report["warnings"] == []
     assert len(cli_json(desktop, "list", "--limit", "1000")) == total - deleted
+
+
+# ---- tests: performance bounds ------------------------------------------------------------
+# Structure, never wall-clock (benchmarks/bench_sync.py measures time): statements per pulled
+# page, request sizes, requests and query plans of a no-op sync, imports at start-up.
+import math as _math
+
+_PERF_TABLES = ("memories", "sessions", "edges")
+
+
+def _perf_seed(home, memories, sessions=0, edges=0, size=40, prefix="m"):
+    """Local writes through the library (one transaction); returns the new memory ids."""
+    with cfs.open_store(home) as store, store.transaction():
+        for i in range(sessions):
+            store.session_start(label=f"session {prefix}{i}")
+        ids = [store.save(f"{prefix} {i} " + ("lorem ipsum " * size)[:size], tags=["perf"]).id
+               for i in range(memories)]
+        for i in range(edges):
+            store.link(ids[i], ids[(i + 1) % len(ids)], "related_to")
+    return ids
+
+
+def _perf_sync(home, direction="both"):
+    """An in-process sync that records every SQL statement the store runs and every HTTP exchange.
+
+    Returns (report, statements, exchanges, requests): exchanges are (path, request body,
+    decoded JSON answer); statements come from sqlite3's trace callback (executemany shows one
+    line per row, trigger bodies start with "--").
+    """
+    cfg = cfs.load_config(home)
+    statements, exchanges = [], []
+    client = cfs.CloudClient(cfg.server_url, cfg.api_key)
+
+    def on_response(response):
+        response.read()
+        exchanges.append((response.request.url.path, response.request.content, response.json()))
+
+    client._http.event_hooks["response"] = [on_response]
+    with cfs.SyncLock(cfg.home), cfs.open_store(cfg.home) as store, client:
+        store.conn.set_trace_callback(statements.append)
+        try:
+            report = cfs.SyncEngine(store, client, cfg).run(direction)
+        finally:
+            store.conn.set_trace_callback(None)
+    return report, statements, exchanges, client.requests
+
+
+def _fts_consistent(home):
+    """FTS5's own check that the external-content index matches the memories table."""
+    with cfs.open_store(home) as store:
+        store.conn.execute("INSERT INTO memories_fts(memories_fts) VALUES ('integrity-check')")
+        return store.conn.execute("SELECT count(*) FROM memories").fetchone()[0]
+
+
+def test_pull_is_one_lookup_per_page_and_kind_one_insert_and_one_commit_per_page(ref_server, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(cfs, "PULL_PAGE_SIZE", 40)
+    key = ref_server.add_user()
+    laptop, desktop = (device_home(tmp_path, name, ref_server.url, key) for name in ("laptop", "desktop"))
+    ids = _perf_seed(laptop, 150, sessions=5, edges=20)
+    _perf_sync(laptop, "push")
+
+    for round_no in range(2):  # a first pull (inserts), then one of edits (upserts over local rows)
+        report, statements, exchanges, _requests = _perf_sync(desktop, "pull")
+        pages = [answer for path, _body, answer in exchanges if path == "/api/sync/pull"]
+        expected = {"memories": 150, "sessions": 5, "edges": 20} if round_no == 0 else \
+            {"memories": 60, "sessions": 0, "edges": 0}
+        assert report.pulled == expected
+        assert len(pages) == _math.ceil(sum(expected.values()) / 40)
+        for table in _PERF_TABLES:
+            with_rows = sum(1 for page in pages if page[table])
+            lookups = [s for s in statements if s.startswith(f"SELECT * FROM {table} WHERE id IN (SELECT value")]
+            assert len(lookups) == with_rows, (table, lookups[:3])      # not one per row
+        # Memories go in as one statement per page (so SQLite flushes the FTS index once, not per
+        # row). The trace repeats a statement at each trigger it fires, but a statement bound row
+        # by row would show each row's values: distinct texts count the statements.
+        inserts = {s for s in statements if s.startswith("INSERT INTO memories (")}
+        assert 1 <= len(inserts) <= sum(1 for page in pages if page["memories"]), len(inserts)
+        # One transaction per page, committed with its cursor; nothing else commits.
+        assert [s for s in statements if s in ("COMMIT", "BEGIN IMMEDIATE")] == ["BEGIN IMMEDIATE", "COMMIT"] * len(pages)
+        assert _fts_consistent(desktop) == 150
+        with cfs.open_store(laptop) as store, store.transaction():
+            for memory_id in ids[round_no * 60:(round_no + 1) * 60]:
+                store.edit(memory_id, content=f"edited {memory_id} zebra")
+        _perf_sync(laptop, "push")
+    with cfs.open_store(desktop) as store:
+        assert len(store.search("zebra", limit=500)) == 60
+
+
+def test_push_bodies_respect_the_count_and_byte_bounds_and_settle_per_batch(ref_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(cfs, "PUSH_BATCH_ITEMS", 25)
+    monkeypatch.setattr(cfs, "PUSH_BATCH_BYTES", 16 * 1024)
+    key = ref_server.add_user()
+    laptop = device_home(tmp_path, "laptop", ref_server.url, key)
+    small = _perf_seed(laptop, 60, sessions=3, edges=10, size=40, prefix="small")
+    large = _perf_seed(laptop, 30, size=2000, prefix="large")
+    report, statements, exchanges, _requests = _perf_sync(laptop, "push")
+    assert report.pushed == {"memories": 90, "sessions": 3, "edges": 10} and report.rejected == 0
+    bodies = [body for path, body, _answer in exchanges if path == "/api/sync/push"]
+    kinds, pushed_ids, cut_by_bytes = [], [], 0
+    for raw_body in bodies:
+        body = json.loads(raw_body)
+        lists = [name for name in _PERF_TABLES if body[name]]
+        assert len(lists) == 1, lists                     # one kind per request
+        items = body[lists[0]]
+        assert 1 <= len(items) <= 25
+        assert len(raw_body) <= 16 * 1024 + 512           # the bound plus the envelope
+        kinds.append(("sessions", "memories", "edges").index(lists[0]))
+        pushed_ids += [item["id"] for item in items]
+        cut_by_bytes += len(items) < 25 and lists[0] == "memories" and len(items) * 2000 > 8 * 1024
+    assert kinds == sorted(kinds) and kinds[0] == 0 and kinds[-1] == 2  # sessions, memories, edges
+    assert cut_by_bytes >= 2
+    assert sorted(i for i in pushed_ids if i in set(small + large)) == sorted(small + large)
+    assert len(pushed_ids) == len(set(pushed_ids)) == 103
+    # Each accepted batch is settled in one transaction: one COMMIT per request, no per-row commits.
+    assert statements.count("COMMIT") == len(bodies)
+    with cfs.open_store(laptop) as store:
+        assert store.counts()["pending_push"] == 0
+
+
+def _full_scans(home, statements):
+    """Statements whose query plan scans memories, sessions or edges (table or whole index)."""
+    scans = []
+    with cfs.open_store(home) as store:
+        for sql in statements:
+            if sql.startswith("CREATE TEMP "):  # the sync's scratch tables, for the plans below
+                store.conn.execute(sql)
+            if not sql.split(None, 1)[0].upper() in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+                continue
+            for row in store.conn.execute("EXPLAIN QUERY PLAN " + sql):
+                if _re.match(r"SCAN (memories|sessions|edges)\b", row[3]):
+                    scans.append((sql, row[3]))
+    return scans
+
+
+def test_noop_sync_is_one_request_a_constant_statement_count_and_no_table_scan(ref_server, tmp_path):
+    key = ref_server.add_user()
+    laptop = device_home(tmp_path, "laptop", ref_server.url, key)
+    costs = []
+    for memories in (20, 200):
+        _perf_seed(laptop, memories, sessions=2, edges=10, prefix=f"n{memories}")
+        first, *_ = _perf_sync(laptop)
+        assert first.pushed["memories"] == memories
+        report, statements, exchanges, requests = _perf_sync(laptop)
+        assert report.summary() == "pushed 0, pulled 0"
+        assert [path for path, _body, _answer in exchanges] == ["/api/sync/pull"] and requests == 1
+        assert _full_scans(laptop, statements) == []
+        costs.append(len(statements))
+    assert costs[0] == costs[1], costs    # ten times the rows, the same work
+
+
+def test_a_sync_imports_httpx_without_its_cli_and_nothing_optional(ref_server, tmp_path):
+    key = ref_server.add_user()
+    laptop = device_home(tmp_path, "laptop", ref_server.url, key)
+    code = ("import importlib.util, sys, contextfs_sync as c\n"
+            "print(c.cloud_sync().summary())\n"
+            "print(sorted(m for m in ('httpx._main', 'click', 'rich', 'pygments', 'chromadb', 'cryptography',"
+            " 'numpy') if m in sys.modules))\n"
+            "import httpx\n"
+            "print(httpx.Client.__name__)\n"
+            "if importlib.util.find_spec('click') and importlib.util.find_spec('rich'):\n"
+            "    import httpx._main  # hidden only during the first import, not for good\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
+    env["CONTEXTFS_HOME"] = str(laptop)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["pushed 0, pulled 0", "[]", "Client"]
+
+
+def test_pull_counts_live_rows_only_for_many_deletions_and_still_guards_across_pages(ref_server, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(cfs, "PULL_PAGE_SIZE", 20)
+    key = ref_server.add_user()
+    laptop, desktop = (device_home(tmp_path, name, ref_server.url, key) for name in ("laptop", "desktop"))
+    ids = _perf_seed(laptop, 200)
+    _perf_sync(laptop)
+    _perf_sync(desktop)
+    live = "SELECT count(*) FROM memories WHERE deleted_at IS NULL AND conflict_of IS NULL"
+    with cfs.open_store(laptop) as store, store.transaction():   # edits and a few deletes: no count
+        for memory_id in ids[:30]:
+            store.edit(memory_id, content=f"edited {memory_id}")
+        for memory_id in ids[30:40]:
+            store.delete(memory_id)
+    _perf_sync(laptop)
+    report, statements, *_ = _perf_sync(desktop, "pull")
+    assert report.pulled["memories"] == 40 and live not in statements
+    assert _full_scans(desktop, statements) == []
+    # 120 more deletions, 20 per page: the third page passes MASS_DELETE_MIN and 25% of the 190
+    # live before this pull; two pages (40 deletions) are applied, the third is rolled back.
+    with cfs.open_store(laptop) as store, store.transaction():
+        for memory_id in ids[40:160]:
+            store.delete(memory_id)
+    engine_sync(laptop, force=True)
+    with pytest.raises(cfs.MassDeleteError, match="would delete 60 of 190 memories on this device"):
+        _perf_sync(desktop, "pull")
+    with cfs.open_store(desktop) as store:
+        assert store.conn.execute(live).fetchone()[0] == 150
