@@ -2591,29 +2591,65 @@ class SyncEngine:
             if not dry_run:
                 raise MassDeleteError(_mass_delete_message("on the server", deletions, total))
             report.warnings.append(_mass_delete_message("on the server", deletions, total))
-        # Sessions and memories before edges, so an edge never arrives before its ends.
-        for kind in ("session", "memory", "edge"):
-            rows = self._scan(kind, push_all)
-            if dry_run:
-                for obj in rows:
+        if dry_run:
+            for kind in ("session", "memory", "edge"):
+                for obj in self._scan(kind, push_all):
                     report.pushed[plural[kind]] += 1
                     if len(report.plan) < PLAN_LIMIT:
                         report.plan.append({"op": "push", "kind": kind, "id": obj.id,
                                             "deleted": obj.deleted_at is not None})
-                continue
-            # Each item is encoded once: its size bounds the batch and its bytes go in the body.
-            encoded = (((obj.id, obj.seq), wire_json(self._wire(kind, obj))) for obj in rows)
+            return
+        self._push_batches(report, self._push_batches_of(push_all), force)
+        self.store.set_state("last_push_at", utc_now())
+
+    def _push_batches_of(self, push_all: bool) -> Iterator[Tuple[str, List[Tuple[Tuple[str, int], bytes]]]]:
+        """(kind, batch) to push, in order: sessions and memories before edges, so an edge never
+        arrives before its ends. Each item is encoded once: its size bounds the batch and its
+        bytes go in the body."""
+        for kind in ("session", "memory", "edge"):
+            encoded = (((obj.id, obj.seq), wire_json(self._wire(kind, obj))) for obj in self._scan(kind, push_all))
             for batch in encoded_batches(encoded, PUSH_BATCH_ITEMS, PUSH_BATCH_BYTES):
-                response = self.client.push_encoded(self.store.device_id, plural[kind],
-                                                    [data for _key, data in batch], force=force)
-                batch_seqs = dict(key for key, _data in batch)
-                accepted = self._settle_push(kind, batch_seqs, response)
-                self._note_own_seqs(response)
-                report.pushed[plural[kind]] += accepted
-                report.rejected += len(batch) - accepted
-                self.progress(f"pushed {sum(report.pushed.values())}")
-        if not dry_run:
-            self.store.set_state("last_push_at", utc_now())
+                yield kind, batch
+
+    def _push_batches(self, report: SyncReport, batches: Iterator[Tuple[str, List[Tuple[Tuple[str, int], bytes]]]],
+                      force: bool) -> None:
+        """Send batches one request at a time, overlapping our work with the server's.
+
+        While the server handles batch k (a worker thread waits for its answer), this thread
+        settles batch k-1 and reads and encodes batch k+1: on two cores a large push costs about
+        the larger of the two sides instead of their sum. Requests stay strictly in order, and
+        a failed request stops the push exactly where a sequential one would (later batches are
+        never sent; earlier ones are settled).
+        """
+        plural = _WIRE_LISTS
+        device = self.store.device_id
+
+        def settle(kind: str, batch: List[Tuple[Tuple[str, int], bytes]], response: dict) -> None:
+            accepted = self._settle_push(kind, dict(key for key, _data in batch), response)
+            self._note_own_seqs(response)
+            report.pushed[plural[kind]] += accepted
+            report.rejected += len(batch) - accepted
+            self.progress(f"pushed {sum(report.pushed.values())}")
+
+        first = next(batches, None)
+        if first is None:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contextfs-push")
+        try:
+            kind, batch = first
+            inflight = pool.submit(self.client.push_encoded, device, plural[kind],
+                                   [data for _key, data in batch], force)
+            for next_kind, next_batch in batches:   # batch k+1 is encoded while k is in flight
+                response = inflight.result()
+                inflight = pool.submit(self.client.push_encoded, device, plural[next_kind],
+                                       [data for _key, data in next_batch], force)
+                settle(kind, batch, response)       # … and k settles while k+1 is in flight
+                kind, batch = next_kind, next_batch
+            settle(kind, batch, inflight.result())
+        finally:
+            pool.shutdown(wait=True)
 
     def _note_own_seqs(self, response: dict) -> None:
         """Widen the server seq range our pushes in this sync were stored at (reference server)."""
@@ -2667,34 +2703,60 @@ class SyncEngine:
         if since:  # timestamp cursors (anchor servers) re-read an overlap window; applying is idempotent
             since = format_ts(parse_ts(since) - timedelta(seconds=PULL_OVERLAP_SECONDS))
         offset, first_timestamp = 0, None
-        for _page in range(PULL_MAX_PAGES):
+
+        def fetch(cursor: Optional[str], offset: int) -> Tuple[dict, Dict[str, List[Any]]]:
             response = self.client.pull(self.store.device_id, cursor, since, PULL_PAGE_SIZE, offset,
                                         exclude_own=self._own_seqs)
-            page = self._parse_page(response)
-            first_timestamp = first_timestamp or response.get("server_timestamp")
-            next_cursor = response.get("next_cursor")
-            if next_cursor is not None and not isinstance(next_cursor, str):
-                next_cursor = str(next_cursor)
-            upserted, deleted = self._apply_page(page, report, dry_run, cursor_key, next_cursor)
-            if not dry_run and (upserted or deleted):
-                warning = index_after_pull(self.store, self.cfg, upserted, deleted)
-                if warning and warning not in report.warnings:
-                    report.warnings.append(warning)
-            self.progress(f"pulled {sum(report.pulled.values())}")
-            if not response.get("has_more"):
-                break
-            if next_cursor is not None:
-                if next_cursor == cursor:
-                    raise ServerError("The server's pull paging did not advance; stopping (nothing was lost)")
-                cursor, offset = next_cursor, 0
-            else:
-                # Anchor paging: advance by the longest list, never by next_offset (protocol.md §8).
-                step = max(len(page["memory"]), len(page["session"]), len(page["edge"]))
-                if step == 0:
-                    raise ServerError("The server said it has more rows but sent none; stopping")
-                offset += step
-        else:  # pragma: no cover - needs a server that pages forever
-            raise ServerError("The server's pull paging never ended; stopping (nothing was lost)")
+            return response, self._parse_page(response)
+
+        # Page k+1 is fetched and decoded by a worker thread while this one applies page k (the
+        # server's work overlaps ours). Pages still apply strictly in order, each in its own
+        # transaction with its cursor; an error in page k+1 surfaces after page k is applied,
+        # exactly as without the overlap. A one-page pull starts no thread.
+        pool: Any = None
+        prefetched: Any = None
+        try:
+            for _page in range(PULL_MAX_PAGES):
+                response, page = prefetched.result() if prefetched is not None else fetch(cursor, offset)
+                prefetched = None
+                first_timestamp = first_timestamp or response.get("server_timestamp")
+                next_cursor = response.get("next_cursor")
+                if next_cursor is not None and not isinstance(next_cursor, str):
+                    next_cursor = str(next_cursor)
+                page_cursor = next_cursor  # stored with this page (None from anchor servers)
+                more, problem = bool(response.get("has_more")), None
+                next_offset = 0
+                if more and next_cursor is not None:
+                    if next_cursor == cursor:
+                        problem = "The server's pull paging did not advance; stopping (nothing was lost)"
+                elif more:
+                    # Anchor paging: advance by the longest list, never by next_offset (protocol.md §8).
+                    step = max(len(page["memory"]), len(page["session"]), len(page["edge"]))
+                    if step == 0:
+                        problem = "The server said it has more rows but sent none; stopping"
+                    next_cursor, next_offset = cursor, offset + step
+                if more and problem is None:
+                    if pool is None:
+                        from concurrent.futures import ThreadPoolExecutor
+
+                        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contextfs-pull")
+                    prefetched = pool.submit(fetch, next_cursor, next_offset)
+                upserted, deleted = self._apply_page(page, report, dry_run, cursor_key, page_cursor)
+                if not dry_run and (upserted or deleted):
+                    warning = index_after_pull(self.store, self.cfg, upserted, deleted)
+                    if warning and warning not in report.warnings:
+                        report.warnings.append(warning)
+                self.progress(f"pulled {sum(report.pulled.values())}")
+                if not more:
+                    break
+                if problem is not None:
+                    raise ServerError(problem)
+                cursor, offset = next_cursor, next_offset
+            else:  # pragma: no cover - needs a server that pages forever
+                raise ServerError("The server's pull paging never ended; stopping (nothing was lost)")
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
         if dry_run and self._deletions > MASS_DELETE_MIN:
             live_total = self._live_total()
             if is_mass_delete(self._deletions, live_total):

@@ -362,9 +362,12 @@ def _bench_size(n: int, root: Path, repeats: int, log, servers: List[Server]) ->
                 for p in range(repeats):
                     keep("floor_pull", run([sys.executable, FLOOR, "pull", str(top / f"floor-pull{p}.db"),
                                             fserver.url]).seconds)
+                for p in range(max(5, repeats)):
+                    keep("floor_noop", run([sys.executable, FLOOR, "noop", fserver.url]).seconds)
         finally:
             fserver.stop()
-    log(f"  floor push {median(samples['floor_push']):.2f}s, floor pull {median(samples['floor_pull']):.2f}s")
+    log(f"  floor push {median(samples['floor_push']):.2f}s, floor pull {median(samples['floor_pull']):.2f}s, "
+        f"floor no-op {median(samples['floor_noop']) * 1000:.0f} ms")
 
     # First pull onto an empty device (a new home: no store, no cursor).
     device_b = None
@@ -380,7 +383,7 @@ def _bench_size(n: int, root: Path, repeats: int, log, servers: List[Server]) ->
         log(f"  first pull {r + 1}: {result.seconds:.2f}s rss {result.rss_mb:.0f} MB")
     assert count_memories(device_b) == n
 
-    for r in range(repeats):
+    for r in range(max(5, repeats)):  # short and noisy: at least five samples
         result = sync(device_a)
         assert result.report["summary"] == "pushed 0, pulled 0", result.report
         keep("noop", result.seconds)
@@ -411,6 +414,7 @@ def _bench_size(n: int, root: Path, repeats: int, log, servers: List[Server]) ->
     out.update({name: median(values) for name, values in samples.items()})
     out["push_ratio"] = out["first_push"] / out["floor_push"]
     out["pull_ratio"] = out["first_pull"] / out["floor_pull"]
+    out["noop_ratio"] = out["noop"] / out["floor_noop"]
     return out
 
 
@@ -459,6 +463,8 @@ def table(results: List[dict], startup: dict) -> str:
     row("floor pull (stdlib)", "floor_pull", fmt_s)
     row("ours/floor pull", "pull_ratio", ratio, "pull_ratio")
     row("no-op sync", "noop", fmt_s, "noop")
+    row("floor no-op (stdlib: start, one request)", "floor_noop", fmt_s)
+    row("ours/floor no-op", "noop_ratio", ratio)
     row("incremental sync after 1% edits (editing device)", "incr_push", fmt_s, "incr_push")
     row("incremental sync, other device pulls the 1%", "incr_pull", fmt_s, "incr_pull")
     row("`cloud status`", "status", fmt_s)

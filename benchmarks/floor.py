@@ -10,6 +10,7 @@ beyond this is overhead to justify.
     python floor.py serve DATA_DIR          prints "listening on http://127.0.0.1:PORT"
     python floor.py push SYNC_DB URL        push every row of a contextfs store
     python floor.py pull DB URL             pull everything into a new database
+    python floor.py noop URL                one request that finds nothing new (a no-op sync)
 """
 from __future__ import annotations
 
@@ -219,6 +220,15 @@ def pull(db_path: str, url: str) -> None:
     db.close()
 
 
+def noop(url: str) -> None:
+    """A sync with nothing to do: start, ask for changes past the end once, get an empty page."""
+    parts = urlsplit(url)
+    http_conn = http.client.HTTPConnection(parts.hostname, parts.port)
+    page = post(http_conn, "/pull", dumps({"cursor": 1 << 62}).encode())
+    assert not page["has_more"]
+    http_conn.close()
+
+
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
-    {"serve": serve, "push": push, "pull": pull}[mode](*rest)
+    {"serve": serve, "push": push, "pull": pull, "noop": noop}[mode](*rest)
