@@ -3551,3 +3551,23 @@ def test_pull_counts_live_rows_only_for_many_deletions_and_still_guards_across_p
         _perf_sync(desktop, "pull")
     with cfs.open_store(desktop) as store:
         assert store.conn.execute(live).fetchone()[0] == 150
+
+
+def test_a_refused_push_batch_stops_the_push_there_even_with_the_next_batch_encoded(ref_server, tmp_path,
+                                                                                     monkeypatch):
+    # The engine keeps one request in flight and encodes the next batch meanwhile: a refused
+    # batch must still leave earlier batches settled, itself and later ones dirty and unsent.
+    monkeypatch.setattr(cfs, "PUSH_BATCH_ITEMS", 10)
+    key = ref_server.add_user()
+    laptop = device_home(tmp_path, "laptop", ref_server.url, key)
+    ids = _perf_seed(laptop, 50)
+    with cfs.open_store(laptop) as store:   # the 25th row (third batch) is one the server refuses
+        store.conn.execute("UPDATE memories SET created_at = 'not a time' WHERE id = ?", (ids[24],))
+    with pytest.raises(cfs.ServerError, match="HTTP 422"):
+        _perf_sync(laptop, "push")
+    cfg = cfs.load_config(laptop)
+    with cfs.CloudClient(cfg.server_url, cfg.api_key) as client:   # what a push request would see
+        stored = client.pull("inspector-" + uid(), None, None, 1000)["memories"]
+    assert sorted(m["id"] for m in stored) == sorted(ids[:20])
+    dirty = local_memories(laptop, "dirty = 1")
+    assert sorted(dirty) == sorted(ids[20:])
