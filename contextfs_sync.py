@@ -872,7 +872,7 @@ _JSON_COLUMNS = {"tags", "metadata", "extra", "vector_clock"}
 _BOOL_COLUMNS = {"draft", "encrypted", "dirty"}
 
 
-STORE_CACHE_KIB = 16 * 1024          # SQLite page cache per connection (store and server)
+STORE_CACHE_KIB = 16 * 1024          # SQLite page cache of a store connection
 STORE_WAL_CHECKPOINT_PAGES = 8000    # auto-checkpoint after this many WAL pages (~32 MiB)
 
 _EMPTY_TEXT: Dict[type, str] = {dict: "{}", list: "[]"}
@@ -2998,6 +2998,7 @@ SERVER_MAX_JSON_DEPTH = 64
 SERVER_MAX_CLOCK_ENTRIES = 1000   # devices in one vector clock
 SERVER_MAX_CREDENTIAL_CHARS = 1024  # login email/password: keeps the rate limiter's memory bounded
 SERVER_PULL_LIMIT_MAX = 5000
+SERVER_CACHE_KIB = 8 * 1024      # SQLite page cache per connection (one per request thread)
 LOGIN_MAX_FAILURES = 5
 LOGIN_WINDOW_SECONDS = 60
 ENV_SERVER_LOG = "CONTEXTFS_SERVER_LOG"
@@ -3334,9 +3335,10 @@ def _server_connect(path: Path) -> sqlite3.Connection:
     conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA synchronous = NORMAL")
     # Random-id primary-key inserts touch pages all over the index: with SQLite's default 2 MiB
-    # cache a 100k-memory push re-reads them ~450k times. 16 MiB per connection (allocated as
-    # used) and rarer checkpoints cut a large push's server CPU by ~10% and its wall time ~15%.
-    conn.execute(f"PRAGMA cache_size = -{STORE_CACHE_KIB}")
+    # cache a 100k-memory push re-reads them ~450k times. 8 MiB per connection (allocated as
+    # used; one connection per request thread, so kept smaller than the store's) and rarer
+    # checkpoints cut a large push's server CPU by ~10% and its wall time by ~15%.
+    conn.execute(f"PRAGMA cache_size = -{SERVER_CACHE_KIB}")
     conn.execute(f"PRAGMA wal_autocheckpoint = {STORE_WAL_CHECKPOINT_PAGES}")
     return conn
 
