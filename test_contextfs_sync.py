@@ -4,14 +4,25 @@ Sections follow contextfs_sync.py. Helpers at the top; each area below its own b
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import os
+import queue
+import random
+import re
+import signal
+import socket
 import sqlite3
 import stat
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 import contextfs_sync as cfs
@@ -20,14 +31,19 @@ BIN = Path(sys.executable).parent
 CONTEXTFS = str(BIN / "contextfs")
 
 
+def cli_env(home, **extra):
+    """This process's environment without CONTEXTFS_* variables, plus CONTEXTFS_HOME=home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
+    env["CONTEXTFS_HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
 def run_cli(home, *args, input=None, env=None, timeout=60, check=None):
     """Run the installed `contextfs` console script in a subprocess with CONTEXTFS_HOME=home."""
     assert Path(CONTEXTFS).exists(), "install the package first: pip install -e '.[test]'"
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
-    full_env["CONTEXTFS_HOME"] = str(home)
-    full_env.update(env or {})
     proc = subprocess.run([CONTEXTFS, *args], input=input, capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+                          env=cli_env(home, **(env or {})), timeout=timeout)
     if check is not None:
         assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
     return proc
@@ -47,6 +63,193 @@ def home(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("CONTEXTFS_HOME", str(path))
     return path
+
+
+# ---- shared helpers: reference server, recording proxy, HTTP calls ---------------------
+
+_LISTENING = re.compile(r"^contextfs server listening on (http://\S+) \(data: (.+)\)$")
+
+
+class RefServer:
+    """A running reference server subprocess: ``.url``, ``.data``, ``.add_user()``, ``.stop()``."""
+
+    def __init__(self, proc, url, data, home, stderr_path):
+        self.proc, self.url, self.data, self.home, self.stderr_path = proc, url, Path(data), home, stderr_path
+        host, port = url[len("http://"):].rsplit(":", 1)
+        self.host, self.port = host, int(port)
+
+    def add_user(self, email=None, password=None, name=None):
+        """Create a user with `contextfs server add-user` and return its API key."""
+        email = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
+        args = ["server", "add-user", email, "--data", str(self.data)]
+        if name:
+            args += ["--name", name]
+        if password is not None:
+            args.append("--password-stdin")
+        proc = run_cli(self.home, *args, input=(password + "\n") if password is not None else None, check=0)
+        return proc.stdout.strip().splitlines()[-1]
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        """Stop the server with ``sig`` and return its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+        return self.proc.returncode
+
+    def stderr(self):
+        """What the server wrote to stderr so far."""
+        return Path(self.stderr_path).read_text(errors="replace")
+
+
+def start_ref_server(tmp_dir, *args, timeout=30):
+    """Start `contextfs server run --port 0` under tmp_dir and wait for its listening line."""
+    tmp_dir = Path(tmp_dir)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    home, data = tmp_dir / "server-home", tmp_dir / "server-data"
+    env = cli_env(home)
+    stderr_path = tmp_dir / "server.stderr"
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen([CONTEXTFS, "server", "run", "--port", "0", "--data", str(data), *args],
+                                stdout=subprocess.PIPE, stderr=err, env=env, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not lines or not _LISTENING.match(lines[0].strip()):
+        proc.kill()
+        proc.wait(timeout=10)
+        raise AssertionError(f"server did not start: {lines!r} {stderr_path.read_text(errors='replace')}")
+    url, shown_data = _LISTENING.match(lines[0].strip()).groups()
+    assert Path(shown_data) == data.resolve()
+    return RefServer(proc, url, data, home, stderr_path)
+
+
+class RecordingProxy:
+    """A tiny HTTP proxy on 127.0.0.1 that forwards to `upstream` and records request bodies."""
+
+    def __init__(self, upstream):
+        import http.client
+        import http.server
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        self.requests = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests.append((self.path, body))
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for k, v in response.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = _forward
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+_HTTP = []
+
+
+def http_client():
+    """One shared httpx client (a new client per request costs ~40 ms of TLS setup)."""
+    if not _HTTP:
+        _HTTP.append(httpx.Client(timeout=30))
+    return _HTTP[0]
+
+
+def api(server, path, body=None, key=None, method=None, headers=None, content=None):
+    """One HTTP request to the server; JSON ``body`` means POST."""
+    all_headers = dict(headers or {})
+    if key is not None:
+        all_headers["X-API-Key"] = key
+    method = method or ("POST" if body is not None or content is not None else "GET")
+    return http_client().request(method, server.url + path, json=body, content=content, headers=all_headers)
+
+
+def raw_http(server, data, timeout=10):
+    """Send raw bytes and read the answer until the server closes: (status, headers, body)."""
+    with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def uid(prefix="m"):
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def mem(mem_id, content="text", clock=None, **fields):
+    obj = {"id": mem_id, "content": content, "vector_clock": clock or {}}
+    obj.update(fields)
+    return obj
+
+
+def dev(key, name="dev"):
+    """A device id unique to this key's user (device ids are global: one owner each)."""
+    return f"{name}-{key[6:16]}"
+
+
+def push(server, key, device=None, memories=(), sessions=(), edges=(), force=False, status=200):
+    resp = api(server, "/api/sync/push", {"device_id": device or dev(key), "memories": list(memories),
+                                          "sessions": list(sessions), "edges": list(edges), "force": force},
+               key=key)
+    assert resp.status_code == status, resp.text
+    return resp.json()
+
+
+def pull_all(server, key, device=None, limit=1000, cursor=None):
+    """Page through /pull by cursor; returns (items as (kind, id) in order, final cursor)."""
+    items, pages, device = [], 0, device or dev(key)
+    while True:
+        page = api(server, "/api/sync/pull", {"device_id": device, "cursor": cursor, "limit": limit},
+                   key=key).json()
+        for kind in ("memories", "sessions", "edges"):
+            items += [(kind, obj["id"], obj) for obj in page[kind]]
+        cursor = page["next_cursor"]
+        pages += 1
+        assert pages < 1000
+        if not page["has_more"]:
+            return items, cursor
+
+
+def server_rows(server, key):
+    """{(kind, id): object} of everything this key's user can pull."""
+    items, _ = pull_all(server, key, device=f"reader-{uuid.uuid4().hex[:6]}")
+    return {(kind, i): obj for kind, i, obj in items}
 
 
 # ---- tests: pure logic ---------------------------------------------------------------------
@@ -687,8 +890,7 @@ print(json.dumps({"codes": codes, "imported": "chromadb" in sys.modules}))
     for mode, embedder, state in (("hide", "default", "unavailable"), ("show", "none", "off")):
         case = tmp_path / mode
         _use_embedder(case, embedder)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
-        env["CONTEXTFS_HOME"] = str(case)
+        env = cli_env(case)
         proc = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
                               env=env, timeout=60)
         assert proc.returncode == 0, proc.stderr
@@ -710,83 +912,13 @@ def test_pushed_memories_carry_no_embedding(home):
             assert "embedding" not in memory.to_wire()
 
 
-def _cli_has_server():
-    try:
-        return "server" in run_cli(Path("/nonexistent-contextfs-home"), "--help", timeout=60).stdout
-    except Exception:
-        return False
-
-
-class _RecordingProxy:
-    """A loopback HTTP proxy to the reference server that keeps every request body it forwards."""
-
-    def __init__(self, target):
-        import http.client
-        import http.server
-        import threading
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(target)
-        bodies = self.bodies = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                bodies.append((self.path, body))
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for key, value in resp.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_POST = do_PUT = do_DELETE = _forward
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.mark.skipif(not cfs.chromadb_installed() or not _cli_has_server(),
-                    reason="needs the [semantic] extra and the reference server + sync engine")
+@needs_chromadb
 def test_cli_sync_indexes_pulled_memories_on_second_device(tmp_path):
-    import re
-    import time
-
-    data = tmp_path / "server-data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
-    env["CONTEXTFS_HOME"] = str(tmp_path / "server-home")
-    server = subprocess.Popen([CONTEXTFS, "server", "run", "--port", "0", "--data", str(data)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    server = start_ref_server(tmp_path)
     proxy = None
     try:
-        deadline = time.monotonic() + 30
-        url = None
-        while url is None and time.monotonic() < deadline:
-            line = server.stdout.readline()
-            if not line:
-                break
-            match = re.search(r"listening on (http://\S+)", line)
-            url = match.group(1) if match else None
-        assert url, "reference server did not start"
-        added = run_cli(tmp_path / "server-home", "server", "add-user", "a@example.com", "--data", str(data),
-                        check=0)
-        key = re.search(r"ctxfs_[A-Za-z0-9_-]+", added.stdout).group(0)
-        proxy = _RecordingProxy(url)
+        key = server.add_user("a@example.com")
+        proxy = RecordingProxy(server.url)
         device_a, device_b = tmp_path / "a", tmp_path / "b"
         for device in (device_a, device_b):
             _use_embedder(device, "hash")
@@ -806,17 +938,12 @@ def test_cli_sync_indexes_pulled_memories_on_second_device(tmp_path):
         status = cli_json(device_b, "index", "status")
         assert (status["state"], status["indexed"], status["memories"]) == ("ok", 2, 2)
         assert saved[0] not in [h["id"] for h in cli_json(device_b, "search", NEIGHBOURS)]
-        pushes = [json.loads(body) for path, body in proxy.bodies if path.endswith("/push") and body]
+        pushes = [json.loads(body) for path, body in proxy.requests if path.endswith("/push") and body]
         assert pushes and all(m.get("embedding") is None for p in pushes for m in p.get("memories", []))
     finally:
         if proxy:
-            proxy.close()
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+            proxy.stop()
+        server.stop()
 
 
 # ---- tests: crypto -------------------------------------------------------------------------
@@ -827,76 +954,6 @@ def test_cli_sync_indexes_pulled_memories_on_second_device(tmp_path):
 # Raw HTTP against a real `contextfs server run --port 0` subprocess. `ref_server` (module
 # scope) is shared: tests use fresh ids/users so they do not depend on each other. The sync
 # tests reuse `ref_server`, `start_ref_server` and `RefServer.add_user`.
-
-import hashlib
-import re
-import signal
-import socket
-import threading
-import time
-import uuid
-
-import httpx
-
-_LISTENING = re.compile(r"^contextfs server listening on (http://\S+) \(data: (.+)\)$")
-
-
-class RefServer:
-    """A running reference server subprocess: ``.url``, ``.data``, ``.add_user()``, ``.stop()``."""
-
-    def __init__(self, proc, url, data, home, stderr_path):
-        self.proc, self.url, self.data, self.home, self.stderr_path = proc, url, Path(data), home, stderr_path
-        host, port = url[len("http://"):].rsplit(":", 1)
-        self.host, self.port = host, int(port)
-
-    def add_user(self, email=None, password=None, name=None):
-        """Create a user with `contextfs server add-user` and return its API key."""
-        email = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
-        args = ["server", "add-user", email, "--data", str(self.data)]
-        if name:
-            args += ["--name", name]
-        if password is not None:
-            args.append("--password-stdin")
-        proc = run_cli(self.home, *args, input=(password + "\n") if password is not None else None, check=0)
-        return proc.stdout.strip()
-
-    def stop(self, sig=signal.SIGTERM, timeout=15):
-        """Stop the server with ``sig`` and return its exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-        return self.proc.returncode
-
-    def stderr(self):
-        """What the server wrote to stderr so far."""
-        return Path(self.stderr_path).read_text(errors="replace")
-
-
-def start_ref_server(tmp_dir, *args, timeout=30):
-    """Start `contextfs server run --port 0` under tmp_dir and wait for its listening line."""
-    tmp_dir = Path(tmp_dir)
-    home, data = tmp_dir / "server-home", tmp_dir / "server-data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
-    env["CONTEXTFS_HOME"] = str(home)
-    stderr_path = tmp_dir / "server.stderr"
-    with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen([CONTEXTFS, "server", "run", "--port", "0", "--data", str(data), *args],
-                                stdout=subprocess.PIPE, stderr=err, env=env, text=True)
-    lines = []
-    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not lines or not _LISTENING.match(lines[0].strip()):
-        proc.kill()
-        proc.wait(timeout=10)
-        raise AssertionError(f"server did not start: {lines!r} {stderr_path.read_text(errors='replace')}")
-    url, shown_data = _LISTENING.match(lines[0].strip()).groups()
-    assert Path(shown_data) == data.resolve()
-    return RefServer(proc, url, data, home, stderr_path)
 
 
 @pytest.fixture(scope="module")
@@ -911,85 +968,6 @@ def ref_server(tmp_path_factory):
 def two_users(ref_server):
     """API keys of two users on the shared server (alice, bob)."""
     return ref_server.add_user(name="Alice"), ref_server.add_user(name="Bob")
-
-
-_HTTP = []
-
-
-def http_client():
-    """One shared httpx client (a new client per request costs ~40 ms of TLS setup)."""
-    if not _HTTP:
-        _HTTP.append(httpx.Client(timeout=30))
-    return _HTTP[0]
-
-
-def api(server, path, body=None, key=None, method=None, headers=None, content=None):
-    """One HTTP request to the server; JSON ``body`` means POST."""
-    all_headers = dict(headers or {})
-    if key is not None:
-        all_headers["X-API-Key"] = key
-    method = method or ("POST" if body is not None or content is not None else "GET")
-    return http_client().request(method, server.url + path, json=body, content=content, headers=all_headers)
-
-
-def raw_http(server, data, timeout=10):
-    """Send raw bytes and read the answer until the server closes: (status, headers, body)."""
-    with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
-        sock.sendall(data)
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
-    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
-
-
-def uid(prefix="m"):
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def mem(mem_id, content="text", clock=None, **fields):
-    obj = {"id": mem_id, "content": content, "vector_clock": clock or {}}
-    obj.update(fields)
-    return obj
-
-
-def dev(key, name="dev"):
-    """A device id unique to this key's user (device ids are global: one owner each)."""
-    return f"{name}-{key[6:16]}"
-
-
-def push(server, key, device=None, memories=(), sessions=(), edges=(), force=False, status=200):
-    resp = api(server, "/api/sync/push", {"device_id": device or dev(key), "memories": list(memories),
-                                          "sessions": list(sessions), "edges": list(edges), "force": force},
-               key=key)
-    assert resp.status_code == status, resp.text
-    return resp.json()
-
-
-def pull_all(server, key, device=None, limit=1000, cursor=None):
-    """Page through /pull by cursor; returns (items as (kind, id) in order, final cursor)."""
-    items, pages, device = [], 0, device or dev(key)
-    while True:
-        page = api(server, "/api/sync/pull", {"device_id": device, "cursor": cursor, "limit": limit},
-                   key=key).json()
-        for kind in ("memories", "sessions", "edges"):
-            items += [(kind, obj["id"], obj) for obj in page[kind]]
-        cursor = page["next_cursor"]
-        pages += 1
-        assert pages < 1000
-        if not page["has_more"]:
-            return items, cursor
-
-
-def server_rows(server, key):
-    """{(kind, id): object} of everything this key's user can pull."""
-    items, _ = pull_all(server, key, device=f"reader-{uuid.uuid4().hex[:6]}")
-    return {(kind, i): obj for kind, i, obj in items}
 
 
 def test_server_listens_and_reports_health(ref_server):
@@ -1506,66 +1484,11 @@ def test_server_module_import_stays_light():
 
 
 # ---- tests: sync ---------------------------------------------------------------------------
-import re as _re
-import selectors as _selectors
-import signal as _signal
-import threading as _threading
-import time as _time
-
-
-class LiveServer:
-    """A real `contextfs server run --port 0` subprocess on 127.0.0.1 with its own data dir."""
-
-    def __init__(self, data_dir, extra_args=()):
-        self.data = Path(data_dir)
-        self.home = self.data.parent / (self.data.name + "-home")
-        self.extra_args = tuple(extra_args)
-        self.proc = None
-        self.url = None
-        self.start()
-
-    def start(self):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
-        env["CONTEXTFS_HOME"] = str(self.home)
-        self.proc = subprocess.Popen([CONTEXTFS, "server", "run", "--host", "127.0.0.1", "--port", "0",
-                                      "--data", str(self.data), *self.extra_args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        sel = _selectors.DefaultSelector()
-        sel.register(self.proc.stdout, _selectors.EVENT_READ)
-        deadline = _time.monotonic() + 20
-        line = ""
-        while _time.monotonic() < deadline and not line:
-            if sel.select(timeout=0.5):
-                line = self.proc.stdout.readline()
-            elif self.proc.poll() is not None:
-                break
-        sel.close()
-        match = _re.search(r"listening on (http://\S+)", line)
-        assert match, f"server did not start: {line!r} {self.proc.stderr.read() if self.proc.poll() is not None else ''}"
-        self.url = match.group(1)
-
-    def add_user(self, email, password=None):
-        args = ["server", "add-user", email, "--data", str(self.data)]
-        if password is not None:
-            args.append("--password-stdin")
-        proc = run_cli(self.home, *args, input=(password + "\n") if password is not None else None, check=0)
-        return proc.stdout.strip().splitlines()[-1]
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(_signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            stream.close()
 
 
 @pytest.fixture
 def live_server(tmp_path):
-    server = LiveServer(tmp_path / "server-data")
+    server = start_ref_server(tmp_path / "live")
     yield server
     server.stop()
 
@@ -1585,29 +1508,9 @@ def sync(home, *args, check=0):
     return json.loads(proc.stdout) if proc.returncode == 0 else proc
 
 
-def raw(server, key, path, body=None, method="POST"):
-    """A raw HTTP call to the server (for looking at what it stores)."""
-    import httpx
-
-    headers = {"X-API-Key": key} if key else {}
-    response = httpx.request(method, server.url + path, json=body, headers=headers, timeout=10)
-    return response.status_code, response.json()
-
-
 def server_memories(server, key):
-    """Every memory the server holds for this account (pulled with a fresh device id)."""
-    out, cursor = {}, None
-    raw(server, key, "/api/sync/register", {"device_id": "inspector", "device_name": "t",
-                                            "platform": "t", "client_version": "t"})
-    for _ in range(1000):
-        status, page = raw(server, key, "/api/sync/pull", {"device_id": "inspector", "cursor": cursor, "limit": 1000})
-        assert status == 200, page
-        for m in page["memories"]:
-            out[m["id"]] = m
-        if not page["has_more"]:
-            return out
-        cursor = page["next_cursor"]
-    raise AssertionError("pull paging did not end")
+    """{id: memory} of everything the server holds for this account, tombstones included."""
+    return {i: obj for (kind, i), obj in server_rows(server, key).items() if kind == "memories"}
 
 
 @pytest.fixture
@@ -1678,16 +1581,17 @@ def test_push_all_restores_a_wiped_server(tmp_path, two_devices):
     ids = {cli_json(laptop, "save", f"memory {i}")["id"] for i in range(5)}
     sync(laptop)
     server.stop()
-    import shutil
-    shutil.rmtree(server.data)
-    server.start()                           # an empty server, a new account
-    new_key = server.add_user("alice@example.com")
-    run_cli(laptop, "cloud", "login", "--api-key", new_key, "--server", server.url, check=0)
-    assert sync(laptop)["pushed"]["memories"] == 0      # nothing is dirty …
-    assert sync(laptop, "--all")["pushed"]["memories"] == 5  # … but --all repairs the server
-    fresh = make_device(tmp_path, "fresh", server, new_key)
-    sync(fresh)
-    assert {m["id"] for m in cli_json(fresh, "list")} == ids
+    server = start_ref_server(tmp_path / "wiped")  # an empty server, a new account
+    try:
+        new_key = server.add_user("alice@example.com")
+        run_cli(laptop, "cloud", "login", "--api-key", new_key, "--server", server.url, check=0)
+        assert sync(laptop)["pushed"]["memories"] == 0      # nothing is dirty …
+        assert sync(laptop, "--all")["pushed"]["memories"] == 5  # … but --all repairs the server
+        fresh = make_device(tmp_path, "fresh", server, new_key)
+        sync(fresh)
+        assert {m["id"] for m in cli_json(fresh, "list")} == ids
+    finally:
+        server.stop()
 
 
 def test_concurrent_edit_keeps_cloud_version_and_local_copy(two_devices):
@@ -1934,71 +1838,14 @@ def test_demo_syncs_two_devices_and_keeps_a_conflict_copy(tmp_path):
     proc = run_cli(tmp_path / "unused-home", "demo", check=0, timeout=120)
     assert "laptop:  contextfs cloud sync  ->  pushed 4, pulled 0" in proc.stdout
     assert "desktop: contextfs cloud sync  ->  pushed 0, pulled 4" in proc.stdout
-    assert _re.search(r"pulled 1, 1 conflict kept as [0-9a-f]{32}_local", proc.stdout)
+    assert re.search(r"pulled 1, 1 conflict kept as [0-9a-f]{32}_local", proc.stdout)
     assert "Demo complete" in proc.stdout and proc.stderr == ""
-
-
-class RecordingProxy:
-    """A tiny HTTP proxy on 127.0.0.1 that forwards to `upstream` and records request bodies."""
-
-    def __init__(self, upstream):
-        import http.client
-        import http.server
-        from urllib.parse import urlsplit
-
-        target = urlsplit(upstream)
-        self.requests = []
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                proxy.requests.append((self.path, body))
-                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-                self.send_response(response.status)
-                for k, v in response.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_POST = _forward
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = _threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 # ---- tests: MCP stdio server ---------------------------------------------------------------
 # `contextfs mcp` always runs as a real subprocess: driven by the official `mcp` SDK client
 # (test-only dependency) and by raw bytes for the protocol edge cases.
 
-import queue
-import re
-import signal
-import threading
-import time
-
-
-def _mcp_env(home, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
-    env["CONTEXTFS_HOME"] = str(home)
-    env.update(extra)
-    return env
 
 
 class RawMcp:
@@ -2007,7 +1854,7 @@ class RawMcp:
     def __init__(self, home, **env):
         self.started = time.monotonic()
         self.proc = subprocess.Popen([CONTEXTFS, "mcp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=_mcp_env(home, **env))
+                                     stderr=subprocess.PIPE, env=cli_env(home, **env))
         self.lines = queue.Queue()
         self.stderr = []
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put), daemon=True).start()
@@ -2101,7 +1948,7 @@ def _sdk(home, scenario, mode="auto", **env):
     from mcp.client import Client
     from mcp.client.stdio import StdioServerParameters
 
-    params = StdioServerParameters(command=CONTEXTFS, args=["mcp"], env=_mcp_env(home, **env))
+    params = StdioServerParameters(command=CONTEXTFS, args=["mcp"], env=cli_env(home, **env))
 
     async def main():
         with anyio.fail_after(60):
@@ -2192,40 +2039,12 @@ def test_mcp_sync_with_server_down_is_one_line_tool_error(home):
         assert "Traceback" not in mcp.stderr_text()
 
 
-def _cli_has_commands(*names):
-    import argparse
-
-    parser = cfs.build_parser()
-    choices = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return all(any(name in c for c in choices) for name in names)
-
-
-def _start_reference_server(data_dir, home):
-    proc = subprocess.Popen([CONTEXTFS, "server", "run", "--port", "0", "--data", str(data_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_mcp_env(home))
-    lines = queue.Queue()
-    threading.Thread(target=RawMcp._pump, args=(proc.stdout, lines.put), daemon=True).start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        assert line is not None, "reference server exited before listening"
-        match = re.search(rb"listening on (http://\S+)", line)
-        if match:
-            return proc, match.group(1).decode()
-    proc.kill()
-    raise AssertionError("reference server did not report its address in 30 s")
-
-
-@pytest.mark.skipif(not _cli_has_commands("server", "cloud"),
-                    reason="needs the reference server and cloud CLI (other branches, merged later)")
 def test_mcp_sync_moves_memories_to_a_second_device(tmp_path):
-    data, device_a, device_b = tmp_path / "server-data", tmp_path / "device-a", tmp_path / "device-b"
-    server, url = _start_reference_server(data, tmp_path / "server-home")
+    device_a, device_b = tmp_path / "device-a", tmp_path / "device-b"
+    server = start_ref_server(tmp_path)
+    url = server.url
     try:
-        added = run_cli(tmp_path / "server-home", "server", "add-user", "ada@example.com", "--data", str(data),
-                        check=0)
-        keys = re.findall(r"ctxfs_[A-Za-z0-9_\-]+", added.stdout)
-        api_key = keys[0] if keys else added.stdout.split()[-1]
+        api_key = server.add_user("ada@example.com")
         for device in (device_a, device_b):
             run_cli(device, "cloud", "configure", "--enabled", "--server-url", url, check=0)
             run_cli(device, "cloud", "login", "--api-key", api_key, "--server", url, check=0)
@@ -2255,11 +2074,9 @@ def test_mcp_sync_moves_memories_to_a_second_device(tmp_path):
         assert {"Use port 5433 for the analytics replica", "Deploys freeze on Fridays"} <= contents
         assert saved.structured_content["id"] in {m["id"] for m in cli_json(device_b, "list")}
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        server.stop()
 
 
-@pytest.mark.skipif(not _cli_has_commands("cloud"), reason="needs the sync engine (merged later)")
 def test_mcp_ping_is_answered_during_a_sync_that_hangs(home):
     import socket
 
@@ -2536,8 +2353,6 @@ def test_mcp_check_arguments_fills_defaults():
 # (issue 7)
 # Faults, kill -9, convergence, concurrency, mass deletes, hostile input. Figures go to
 # README-reliability-section.md; longer runs: CONTEXTFS_SOAK=1 and benchmarks/soak_kill.py.
-import collections as _collections
-import random as _random
 
 SOAK = os.environ.get("CONTEXTFS_SOAK", "") not in ("", "0")
 
@@ -2564,10 +2379,10 @@ class FaultProxy:
 
         target = urlsplit(upstream)
         self.upstream = (target.hostname, target.port)
-        self.rng = _random.Random(seed)
+        self.rng = random.Random(seed)
         self.rate, self.faults, self.script = rate, tuple(faults), list(script)
         self.stall, self.retry_after, self.hook = stall, retry_after, hook
-        self.lock = _threading.Lock()
+        self.lock = threading.Lock()
         self.count = 0
         self.log = []  # (n, path, fault or None)
         proxy = self
@@ -2602,7 +2417,7 @@ class FaultProxy:
                 status, headers, data = proxy._forward(self.command, self.path, self.headers, body)
                 if fault in ("drop_after", "stall"):
                     if fault == "stall":
-                        _time.sleep(proxy.stall)
+                        time.sleep(proxy.stall)
                     self.close_connection = True
                     return
                 if fault == "truncate":
@@ -2625,7 +2440,7 @@ class FaultProxy:
 
         self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = _threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
     def _draw(self, path):
@@ -2660,7 +2475,7 @@ class FaultProxy:
 
     def faults_injected(self):
         """{fault: count} of what was injected so far."""
-        return dict(_collections.Counter(f for _n, _p, f in self.log if f))
+        return dict(collections.Counter(f for _n, _p, f in self.log if f))
 
     def stop(self):
         self.httpd.shutdown()
@@ -2670,7 +2485,7 @@ class FaultProxy:
 @pytest.fixture(scope="module")
 def rel_server(tmp_path_factory):
     """One reference server (subprocess) shared by the reliability tests; each uses its own user."""
-    server = LiveServer(tmp_path_factory.mktemp("rel") / "server-data")
+    server = start_ref_server(tmp_path_factory.mktemp("rel"))
     yield server
     server.stop()
 
@@ -2695,7 +2510,7 @@ def engine_sync(home, direction="both", timeout=0.5, waits=None, force=False):
     def sleep(seconds):
         if waits is not None:
             waits.append(seconds)
-        _time.sleep(min(seconds, 0.02))
+        time.sleep(min(seconds, 0.02))
 
     client = cfs.CloudClient(cfg.server_url, cfg.api_key, timeout=timeout, sleep=sleep)
     with cfs.SyncLock(cfg.home), cfs.open_store(cfg.home) as store, client:
@@ -2726,9 +2541,9 @@ def test_sync_under_seeded_faults_completes_or_stops_cleanly_then_converges(rel_
     key = new_user(rel_server)
     proxy = FaultProxy(rel_server.url, seed=seed, rate=0.45, stall=0.8)
     homes = [device_home(tmp_path, f"d{i}", proxy.url, key) for i in range(2)]
-    rng = _random.Random(seed)
+    rng = random.Random(seed)
     expected = {}                         # id -> [owner, content or None when deleted]
-    waits, outcomes = [], _collections.Counter()
+    waits, outcomes = [], collections.Counter()
     try:
         for step in range(rounds):
             owner = rng.randrange(2)
@@ -2823,7 +2638,7 @@ class KillTrials:
 
     def __init__(self, root, server, seed, sizes=(150, 1400)):
         self.root, self.server, self.sizes = Path(root), server, sizes
-        self.rng = _random.Random(seed)
+        self.rng = random.Random(seed)
         self.key = new_user(server)
         self.proxy = FaultProxy(server.url, hook=self._hook)
         self.homes = {side: device_home(self.root, side, self.proxy.url, self.key) for side in ("push", "pull")}
@@ -2838,16 +2653,16 @@ class KillTrials:
         if target and target[:2] == (n, phase):
             self._target = None
             if target[3]:  # a timer started by the first request: lands anywhere in the sync
-                _threading.Timer(target[2], self._kill, (self._proc,)).start()
+                threading.Timer(target[2], self._kill, (self._proc,)).start()
             else:
-                _time.sleep(target[2])
+                time.sleep(target[2])
                 self._kill(self._proc)
 
     @staticmethod
     def _kill(proc):
         if proc.poll() is None:
             with cfs._suppress(ProcessLookupError):
-                proc.send_signal(_signal.SIGKILL)
+                proc.send_signal(signal.SIGKILL)
 
     def _write(self, side, number):
         """Local writes before the sync; returns how many memories changed."""
@@ -2894,8 +2709,7 @@ class KillTrials:
             # At least this many requests: pushes of 500 rows, then one pull page or more.
             floor = (-(-dirty // cfs.PUSH_BATCH_ITEMS) if dirty else 0) + 1
         trigger = rng.choice(["received", "answered", "answered", "timer"])
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
-        env["CONTEXTFS_HOME"] = str(home)
+        env = cli_env(home)
         base = self.proxy.count
         nth = 1 if trigger == "timer" else rng.randint(1, floor)
         delay = {"received": 0.0, "answered": rng.uniform(0, 0.03), "timer": rng.uniform(0.005, 0.1)}[trigger]
@@ -2904,7 +2718,7 @@ class KillTrials:
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         _stderr = self._proc.communicate(timeout=120)[1]
         self._target = None
-        killed = self._proc.returncode == -_signal.SIGKILL
+        killed = self._proc.returncode == -signal.SIGKILL
         at = next((p for n, p, _f in self.proxy.log if n == base + nth), None) if trigger != "timer" else None
         if trigger == "timer":
             trigger = f"timer {delay * 1000:.0f} ms"
@@ -2998,11 +2812,11 @@ def run_convergence(root, server, seed, steps, devices=3):
     same text). A delete may lose to a concurrent edit (no text is lost). Every device must
     then equal the server: memories, sessions and links, fields and clocks, nothing dirty.
     """
-    rng = _random.Random(seed)
+    rng = random.Random(seed)
     key = new_user(server)
     homes = [device_home(root, f"dev{i}", server.url, key) for i in range(devices)]
     heads = {}          # (device, kind, id) -> {"content", "clock", "deleted", "local_only"}
-    stats = _collections.Counter()
+    stats = collections.Counter()
     problems = []
 
     def record(d, kind, obj, local_only=False):
@@ -3189,7 +3003,7 @@ class _Gate:
 
     def __init__(self, path, phase="received"):
         self.path, self.phase = path, phase
-        self.held, self.release = _threading.Event(), _threading.Event()
+        self.held, self.release = threading.Event(), threading.Event()
 
     def __call__(self, n, path, phase):
         if path == self.path and phase == self.phase and not self.held.is_set():
@@ -3204,8 +3018,7 @@ def test_second_sync_waits_for_the_lock_then_completes(rel_server, tmp_path):
     try:
         home = device_home(tmp_path, "dev", proxy.url, key)
         ids = {cli_json(home, "save", f"first batch {i}")["id"] for i in range(3)}
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
-        env["CONTEXTFS_HOME"] = str(home)
+        env = cli_env(home)
         first = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         assert gate.held.wait(30)                   # the first sync holds the lock, mid-push
@@ -3230,11 +3043,11 @@ def test_second_sync_waits_for_the_lock_then_completes(rel_server, tmp_path):
 def test_lock_wait_is_bounded_with_a_clear_message(tmp_path):
     home = tmp_path / "dev"
     with cfs.SyncLock(home):
-        start = _time.monotonic()
+        start = time.monotonic()
         with pytest.raises(cfs.ContextFSError) as info:
             with cfs.SyncLock(home, timeout=0.3):
                 pass
-        assert _time.monotonic() - start < 10        # bounded, not a hang
+        assert time.monotonic() - start < 10        # bounded, not a hang
     message = str(info.value)
     assert message.startswith("Another sync is still running") and "try again" in message and "\n" not in message
     with cfs.SyncLock(home, timeout=0.3):           # released when the holder exits
@@ -3248,8 +3061,7 @@ def test_cli_writes_during_a_sync_are_kept_and_stay_dirty_if_they_raced_the_push
     try:
         home = device_home(tmp_path, "dev", proxy.url, key)
         raced = cli_json(home, "save", "version read by the push")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
-        env["CONTEXTFS_HOME"] = str(home)
+        env = cli_env(home)
         syncing = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         assert gate.held.wait(30)                    # the push has read the row and is on the wire
@@ -3278,8 +3090,7 @@ def test_many_cli_saves_while_syncs_run_are_all_kept(rel_server, tmp_path):
     with cfs.open_store(home) as store, store.transaction():
         for i in range(1500):
             store.save(f"bulk {i}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
-    env["CONTEXTFS_HOME"] = str(home)
+    env = cli_env(home)
     saved = []
     syncs = [subprocess.Popen([CONTEXTFS, "cloud", "sync"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
