@@ -56,7 +56,9 @@ ENV_SERVER_URL = "CONTEXTFS_SERVER_URL"
 MSG_DISABLED = "Cloud sync is disabled. Run: contextfs cloud configure --enabled"
 MSG_NO_KEY = "No API key configured. Run: contextfs cloud login"
 
-MEMORY_TYPES = ("fact", "decision", "procedure", "error", "code", "note", "episodic", "user")
+# Suggested types: the values every ContextFS client understands (protocol.md §3.1: the public
+# client's pull fails on a type outside its enum, so we suggest none outside it).
+MEMORY_TYPES = ("fact", "decision", "procedural", "error", "code", "episodic", "user", "todo")
 EMBEDDERS = ("default", "hash", "none")
 DEFAULT_TTL_SECONDS = 24 * 3600
 SQLITE_BUSY_TIMEOUT_MS = 10_000

@@ -1970,7 +1970,7 @@ def test_mcp_sdk_client_lists_tools_and_manages_memories(home):
     async def scenario(client):
         listed = await client.list_tools()
         saved = await client.call_tool("contextfs_save", {"content": "The staging DB password rotates monthly",
-                                                          "type": "procedure", "tags": ["ops", "db"]})
+                                                          "type": "procedural", "tags": ["ops", "db"]})
         found = await client.call_tool("contextfs_search", {"query": "staging password"})
         listing = await client.call_tool("contextfs_list", {"tag": "ops"})
         deleted = await client.call_tool("contextfs_delete", {"id": saved.structured_content["id"]})
@@ -1988,7 +1988,7 @@ def test_mcp_sdk_client_lists_tools_and_manages_memories(home):
     assert sync_props["direction"]["default"] == "both" and sync_props["push_all"]["default"] is False
     assert sync_props["force"]["default"] is False
     memory_id = saved.structured_content["id"]
-    assert not saved.is_error and saved.content[0].text == f"Saved {memory_id} [procedure]"
+    assert not saved.is_error and saved.content[0].text == f"Saved {memory_id} [procedural]"
     assert saved.structured_content["tags"] == ["ops", "db"]
     assert [r["id"] for r in found.structured_content["results"]] == [memory_id]
     assert memory_id in found.content[0].text
