@@ -3354,3 +3354,332 @@ def test_deletes_under_the_threshold_need_no_force(rel_server, tmp_path, total, 
     report = sync(desktop)
     assert report["pulled"]["memories"] == deleted and report["warnings"] == []
     assert len(cli_json(desktop, "list", "--limit", "1000")) == total - deleted
+
+
+# -- security --------------------------------------------------------------------------------
+
+def _secret_parts(key):
+    """The whole key and a middle slice no mask ever shows (catches escaped or quoted copies)."""
+    return [key, key[10:-5]]
+
+
+def _dead_url():
+    with socket.socket() as sock:                    # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _exception_texts(exc):
+    """str, repr and args of an exception and of everything chained to it."""
+    texts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        texts += [str(exc), repr(exc), repr(exc.args)]
+        exc = exc.__cause__ or exc.__context__
+    return texts
+
+
+def test_api_key_never_appears_in_any_output_error_or_repr(rel_server, tmp_path, monkeypatch):
+    key = new_user(rel_server)
+    other = new_user(rel_server)                     # valid but someone else's key, revoked below
+    home = tmp_path / "dev"
+    outputs = {}
+
+    def run(label, *args, env=None, input=None, expect=None):
+        proc = run_cli(home, *args, env=env, input=input, timeout=120)
+        outputs[label] = (proc, env)
+        if expect is not None:
+            assert proc.returncode == expect, (label, proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+    run("login", "cloud", "login", "--api-key", key, "--server", rel_server.url, expect=0)
+    run("login stdin", "cloud", "login", "--server", rel_server.url, input=key + "\n", expect=0)
+    run("configure", "cloud", "configure", "--enabled", expect=0)
+    run("configure json", "cloud", "configure", "--json", expect=0)
+    cli_json(home, "save", "a memory to sync")
+    run("sync dry", "cloud", "sync", "--dry-run", "--json", expect=0)
+    run("sync json", "cloud", "sync", "--json", expect=0)
+    cli_json(home, "save", "another")
+    run("sync", "cloud", "sync", expect=0)
+    for args in (("status",), ("status", "--json"), ("check",), ("check", "--json"), ("conflicts", "--json")):
+        run(" ".join(args), "cloud", *args, expect=0)
+    assert json.loads(outputs["status --json"][0].stdout)["api_key"] == cfs.mask_key(key)
+    # Errors: a key the server refuses, a server that is down, keys that cannot go in a header.
+    wrong = "ctxfs_" + other[6:][::-1]
+    down = _dead_url()
+    bad_keys = [key[:20] + "\n" + key[20:], key[:20] + " " + key[20:], key[:20] + "é" + key[20:],
+                key[:20] + "\x7f" + key[20:]]
+    for name, env, code in [("wrong", {"CONTEXTFS_API_KEY": wrong}, 3),
+                            ("down", {"CONTEXTFS_SERVER_URL": down}, 1)] + \
+                           [(f"bad{i}", {"CONTEXTFS_API_KEY": k}, 3) for i, k in enumerate(bad_keys)]:
+        for args in (("sync",), ("sync", "--json"), ("check",)):
+            proc = run(f"{name} {' '.join(args)}", "cloud", *args, env=env, expect=code)
+            assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        run(f"{name} status", "cloud", "status", "--json", env=env, expect=0)
+    for i, bad in enumerate([wrong] + bad_keys[1:]):
+        proc = run(f"login bad{i}", "cloud", "login", "--api-key", bad, "--server", rel_server.url)
+        assert proc.returncode == 3 and "nothing was saved" in proc.stderr, proc.stderr
+    run("login down", "cloud", "login", "--api-key", key, "--server", down, expect=1)
+    run("logout", "cloud", "logout", expect=0)
+    for label, (proc, env) in outputs.items():
+        text = proc.stdout + proc.stderr
+        secrets_here = _secret_parts(key) + _secret_parts(other) + _secret_parts(wrong)
+        secrets_here += [p for k in (env or {}).values() if k.startswith("ctxfs_") for p in _secret_parts(k)]
+        leaked = [s for s in secrets_here if s in text]
+        assert not leaked, (label, text)
+    assert cfs.load_config(home).api_key is None          # logout removed it; nothing else kept it
+
+    # In-process: reprs of the objects that hold the key, and every error raised on the way.
+    cfg = device_home(tmp_path, "lib", rel_server.url, key)
+    config = cfs.load_config(cfg)
+    client = cfs.CloudClient(rel_server.url, key)
+    texts = [repr(config), str(config), repr(client), str(client), repr(config.data.get("cloud", {}).keys())]
+    client.close()
+    raised = []
+    for url, api_key in [(rel_server.url, wrong), (down, key)] + [(rel_server.url, k) for k in bad_keys]:
+        with cfs.CloudClient(url, api_key, sleep=lambda s: None) as c:
+            for call in (c.me, lambda: c.status("d"), lambda: c.push("d", [], [], [])):
+                with pytest.raises(cfs.ContextFSError) as info:
+                    call()
+                raised.append((api_key, info.value))
+    monkeypatch.setenv("CONTEXTFS_API_KEY", wrong)
+    with pytest.raises(cfs.AuthError) as info:
+        cfs.cloud_sync(cfg)
+    raised.append((wrong, info.value))
+    for api_key, exc in raised:
+        texts += _exception_texts(exc)
+        assert exc.exit_code in (1, 3) and "\n" not in str(exc)
+    for text in texts:
+        for api_key in {key, wrong, *bad_keys}:
+            assert not any(s in text for s in _secret_parts(api_key)), text
+
+
+def _pulled(server, key):
+    """{(kind, id): object} of everything this key can pull (a fresh reader device)."""
+    items, _ = pull_all(server, key, device=f"reader-{uuid.uuid4().hex[:8]}")
+    return {(kind, i): obj for kind, i, obj in items}
+
+
+def _rows_on_disk(server, user_id):
+    """This user's rows as stored in the server's SQLite file (every column)."""
+    db = sqlite3.connect(Path(server.data) / "server.db")
+    try:
+        return {table: sorted(db.execute(f"SELECT * FROM {table} WHERE user_id = ?", (user_id,)).fetchall())
+                for table in ("memories", "sessions", "edges")}
+    finally:
+        db.close()
+
+
+def test_second_user_guessing_ids_cannot_overwrite_delete_or_read(rel_server):
+    alice, bob = new_user(rel_server), new_user(rel_server)
+    a_dev, b_dev = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
+    m1, m2, s1 = (f"{p}-{uuid.uuid4().hex[:10]}" for p in ("m", "m", "s"))
+    secret = "alice's secret: the vault code is 4711"
+    edge = {"from_id": m1, "to_id": m2, "relation": "related_to"}
+    push(rel_server, alice, a_dev, [{"id": m1, "content": secret, "tags": ["private"], "vector_clock": {a_dev: 1}},
+                                    {"id": m2, "content": "alice two", "vector_clock": {a_dev: 1}}],
+         sessions=[{"id": s1, "label": "alice", "summary": "alice's session notes", "vector_clock": {a_dev: 1}}],
+         edges=[dict(edge, vector_clock={a_dev: 1})])
+    alice_id = api(rel_server, "/api/auth/me", key=alice).json()["id"]
+    before_rows, before_disk = _pulled(rel_server, alice), _rows_on_disk(rel_server, alice_id)
+    assert len(before_rows) == 4 and sum(map(len, before_disk.values())) == 4
+
+    # Overwrite attempts: Alice's exact ids with clocks that dominate hers, plain and forced.
+    high = {a_dev: 50, b_dev: 1}
+    for force in (False, True):
+        resp = push(rel_server, bob, b_dev, [{"id": m1, "content": "bob was here", "vector_clock": high},
+                                             {"id": m2, "content": "bob two", "vector_clock": high}],
+                    sessions=[{"id": s1, "summary": "bob's summary", "vector_clock": high}],
+                    edges=[dict(edge, weight=0.1, vector_clock=high)], force=force)
+        assert resp["conflicts"] == [] and resp["accepted"] == 4
+    # Delete attempts: tombstones with even higher clocks.
+    gone = "2030-01-01T00:00:00Z"
+    tomb = {a_dev: 99, b_dev: 9}
+    push(rel_server, bob, b_dev, [{"id": m1, "content": "", "deleted_at": gone, "vector_clock": tomb},
+                                  {"id": m2, "content": "", "deleted_at": gone, "vector_clock": tomb}],
+         sessions=[{"id": s1, "deleted_at": gone, "vector_clock": tomb}],
+         edges=[dict(edge, deleted_at=gone, vector_clock=tomb)], force=True)
+
+    # Alice's rows are exactly as they were: through the API and in the server's file.
+    assert _pulled(rel_server, alice) == before_rows
+    assert _rows_on_disk(rel_server, alice_id) == before_disk
+    # Bob only ever reads his own rows: pull, diff (with Alice's ids and content hashes), status.
+    bob_rows = _pulled(rel_server, bob)
+    assert set(bob_rows) == set(before_rows)
+    assert all(obj["deleted_at"] for obj in bob_rows.values())
+    diff = api(rel_server, "/api/sync/diff", {"device_id": b_dev, "memories": [
+        {"id": m1, "content_hash": cfs.content_hash(secret)}, {"id": m2, "content_hash": None},
+        {"id": "not-there", "content_hash": None}],
+        "sessions": [{"id": s1}], "edges": [{"id": f"{m1}:{m2}:related_to"}]}, key=bob)
+    status = api(rel_server, "/api/sync/status", {"device_id": b_dev}, key=bob)
+    seen_by_bob = json.dumps([list(bob_rows.values()), diff.json(), status.json()])
+    for text in (secret, "alice two", "alice's session notes", "private"):
+        assert text not in seen_by_bob
+    assert diff.status_code == 200 and status.json()["memory_count"] == 0   # his tombstones only
+    # And Alice still syncs her untouched rows to a new device through the real CLI.
+    home = device_home(Path(rel_server.data).parent / f"alice-{uuid.uuid4().hex[:6]}", "dev", rel_server.url, alice)
+    assert sync(home)["pulled"]["memories"] == 2
+    assert cli_json(home, "show", m1)["content"] == secret
+
+
+def test_server_stores_only_key_hashes_and_no_key_ever_lands_in_its_files(tmp_path):
+    server = start_ref_server(tmp_path)
+    try:
+        keys = [server.add_user(email=f"k{i}@example.com", password="pw-" + "x" * 8 if i == 0 else None)
+                for i in range(3)]
+        login = api(server, "/api/auth/login", {"email": "k0@example.com", "password": "pw-xxxxxxxx"})
+        keys.append(login.json()["apiKey"])
+        for key in keys:                              # use each key: last_used_at and devices get written
+            push(server, key, f"d-{key[6:12]}", [{"id": f"m-{key[6:12]}", "content": "c"}])
+            assert api(server, "/api/auth/me", key=key).status_code == 200
+    finally:
+        assert server.stop() == 0
+    files = [p for p in Path(server.data).rglob("*") if p.is_file()]
+    assert any(p.name == "server.db" for p in files)
+    blob = b"".join(p.read_bytes() for p in files)
+    for key in keys:
+        for part in _secret_parts(key):
+            assert part.encode() not in blob, part
+        assert hashlib.sha256(key.encode()).hexdigest().encode() in blob  # stored as its hash
+    # The lookup is by hash and the comparison hmac.compare_digest (read: _authenticate): a
+    # timing probe of a 64-hex-char hash lookup over HTTP is not a meaningful unit test.
+
+
+# Wrong-typed values for every field of a push (loc suffix expected in the 422 answer).
+_WRONG_TYPES = {
+    "memories": [("id", 5), ("content", 5), ("content", None), ("type", 1), ("tags", "t"), ("tags", [1]),
+                 ("summary", []), ("namespace_id", {}), ("repo_url", 1), ("repo_name", 1), ("relative_path", 1),
+                 ("source_file", 1), ("source_repo", 1), ("source_tool", 1), ("project", 1), ("session_id", 1),
+                 ("metadata", []), ("metadata", "m"), ("embedding", "e"), ("embedding", ["x"]), ("encrypted", "no"),
+                 ("visibility", 1), ("vector_clock", []), ("vector_clock", {"d": "1"}), ("vector_clock", {"d": -1}),
+                 ("vector_clock", {"d": 2 ** 63}), ("vector_clock", {"d": 1.5}), ("content_hash", 1),
+                 ("deleted_at", 12), ("deleted_at", "yesterday"), ("created_at", True), ("updated_at", "2025-13-45"),
+                 ("last_modified_by", 1)],
+    "sessions": [("id", None), ("label", 1), ("namespace_id", 1), ("tool", 1), ("repo_url", 1), ("repo_name", 1),
+                 ("repo_path", 1), ("branch", 1), ("summary", 1), ("metadata", []), ("started_at", "soon"),
+                 ("ended_at", 1), ("deleted_at", []), ("vector_clock", "x"), ("content_hash", 1)],
+    "edges": [("from_id", 1), ("to_id", None), ("relation", ["r"]), ("weight", "heavy"), ("weight", True),
+              ("created_by", 1), ("metadata", 1), ("vector_clock", {"d": None}), ("deleted_at", 0), ("id", 1)],
+}
+_VALID = {"memories": {"content": "c"}, "sessions": {}, "edges": {"from_id": "a", "to_id": "b", "relation": "r"}}
+
+
+def _push_raw(server, key, content):
+    return api(server, "/api/sync/push", content=content, method="POST", key=key,
+               headers={"Content-Type": "application/json"})
+
+
+def test_hostile_push_bodies_get_a_clear_4xx_and_store_nothing(rel_server):
+    key = new_user(rel_server)
+    device = f"d-{uuid.uuid4().hex[:8]}"
+    cases = []
+    for plural, fields in _WRONG_TYPES.items():
+        for name, value in fields:
+            bad = dict(_VALID[plural], **({} if plural == "edges" else {"id": f"bad-{name}"}))
+            bad[name] = value
+            body = {"device_id": device, "memories": [{"id": "innocent", "content": "stored only if all valid"}],
+                    plural: ([] if plural != "memories" else [{"id": "innocent", "content": "x"}]) + [bad]}
+            cases.append((f"{plural}.{name}={value!r}", body, name))
+    for name, value in [("device_id", 5), ("device_id", None), ("memories", "x"), ("memories", [5]),
+                        ("sessions", {}), ("edges", 3), ("force", "yes"), ("last_sync_timestamp", 5),
+                        ("backend_type", 5)]:
+        body = {"device_id": device, "memories": [{"id": "innocent", "content": "x"}]}
+        body[name] = value
+        cases.append((f"{name}={value!r}", body, name))
+    for label, body, field_name in cases:
+        resp = api(rel_server, "/api/sync/push", body, key=key)
+        assert resp.status_code == 422, (label, resp.text)
+        detail = resp.json()["detail"]
+        assert any(field_name in entry["loc"] and entry["msg"] for entry in detail), (label, detail)
+
+    # Huge strings: a 100 KB id, and content of several MB under and over the body limit.
+    resp = api(rel_server, "/api/sync/push", {"device_id": device, "memories": [
+        {"id": "i" * 100_000, "content": "c"}]}, key=key)
+    assert resp.status_code == 422 and resp.json()["detail"][0]["type"] == "string_too_long"
+    over = api(rel_server, "/api/sync/push", {"device_id": device, "memories": [
+        {"id": "too-big", "content": "o" * (cfs.SERVER_MAX_BODY + 1024)}]}, key=key)
+    assert over.status_code == 413 and over.json() == {"detail": "Request body too large"}
+
+    # Invalid unicode: lone surrogate escapes anywhere, and bytes that are not UTF-8.
+    for where in ('"id": "\\ud800x", "content": "c"', '"id": "u1", "content": "a\\udfffb"',
+                  '"id": "u2", "content": "c", "tags": ["\\udc80"]', '"id": "u3", "content": "c", "summary": "\\ud83d"',
+                  '"id": "u4", "content": "c", "metadata": {"\\ud800": 1}',
+                  '"id": "u5", "content": "c", "metadata": {"k": ["\\ude00"]}'):
+        resp = _push_raw(rel_server, key, ('{"device_id": "%s", "memories": [{%s}]}' % (device, where)).encode())
+        assert resp.status_code == 422 and "surrogate" in resp.text, (where, resp.text)
+    for raw in (b"\xed\xa0\x80", b"\xc0\xaf", b"\xff", b"\xf4\x90\x80\x80"):  # surrogate, overlong, invalid, > U+10FFFF
+        content = b'{"device_id": "d", "memories": [{"id": "b", "content": "' + raw + b'"}]}'
+        resp = _push_raw(rel_server, key, content)
+        assert resp.status_code == 422 and resp.json()["detail"][0]["type"] == "json_invalid", raw
+
+    # NUL characters: in ids, text, tags, metadata keys and values, session and edge fields.
+    nul_cases = [("memories", {"id": "n\x00", "content": "c"}, ["id"]),
+                 ("memories", {"id": "n1", "content": "a\x00b"}, ["content"]),
+                 ("memories", {"id": "n2", "content": "c", "summary": "\x00"}, ["summary"]),
+                 ("memories", {"id": "n3", "content": "c", "tags": ["ok", "t\x00"]}, ["tags", 1]),
+                 ("memories", {"id": "n4", "content": "c", "metadata": {"a": {"b": ["x", "\x00"]}}},
+                  ["metadata", "a", "b", 1]),
+                 ("memories", {"id": "n5", "content": "c", "metadata": {"k\x00": 1}}, ["metadata", "k\\0"]),
+                 ("sessions", {"id": "s1", "summary": "end\x00"}, ["summary"]),
+                 ("sessions", {"id": "s2", "label": "\x00"}, ["label"]),
+                 ("edges", {"from_id": "a", "to_id": "b", "relation": "r\x00"}, ["relation"]),
+                 ("edges", {"from_id": "a", "to_id": "b", "relation": "r", "metadata": {"v": "\x00"}},
+                  ["metadata", "v"])]
+    for plural, obj, loc_end in nul_cases:
+        resp = api(rel_server, "/api/sync/push", {"device_id": device, plural: [obj]}, key=key)
+        assert resp.status_code == 422, (obj, resp.text)
+        entry = resp.json()["detail"][0]
+        assert entry["loc"] == ["body", plural, 0] + loc_end and "NUL" in entry["msg"], entry
+    assert _pulled(rel_server, key) == {}             # not one of them was stored
+
+    # Several MB under the limit is accepted and comes back byte-exact.
+    big = "".join(chr(0x20 + (i % 0x5e)) for i in range(4 * 1024 * 1024)) + "🙂" * 1000
+    assert push(rel_server, key, device, [{"id": "big", "content": big}])["accepted"] == 1
+    assert _pulled(rel_server, key)[("memories", "big")]["content"] == big
+    assert api(rel_server, "/health").status_code == 200
+
+
+def test_nul_characters_are_refused_locally_with_one_line_and_nothing_saved(home):
+    proc = run_cli(home, "save", "-", input="before\x00after")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "NUL" in proc.stderr
+    proc = run_cli(home, "save", "fine", "--metadata", '{"k": "v\\u0000"}')
+    assert proc.returncode == 2 and "NUL" in proc.stderr and "Traceback" not in proc.stderr
+    kept = cli_json(home, "save", "fine")
+    proc = run_cli(home, "edit", kept["id"], "-", input="x\x00")
+    assert proc.returncode == 2 and "NUL" in proc.stderr
+    assert [m["content"] for m in cli_json(home, "list")] == ["fine"]
+
+
+_EXOTIC = [
+    "emoji 😀👩‍👩‍👧‍👦🏳️‍🌈 and skin tones 👋🏽",                 # ZWJ sequences, modifiers
+    "RTL: שלום עולם — مرحبا بالعالم \u202eevil\u202c \u200f",     # Hebrew, Arabic, bidi controls
+    "combining: e\u0301 vs \u00e9, Z\u0351\u0367\u0300\u0334alg\u0310o, 한국어 \u1100\u1161",  # NFD/NFC kept apart
+    "4-byte: 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𠜎𠜱𠝹 \U0001f9ea \U0010fffd \U000e0041",     # astral planes, tag chars
+    "oddities: \ufeffBOM \u2028LS\u2029PS \ufffd \u00a0nbsp \t tab \r\n crlf \x7f del \x01 ctrl \uffff",
+]
+
+
+def test_exotic_unicode_round_trips_byte_exact_between_two_devices(rel_server, tmp_path):
+    key = new_user(rel_server)
+    a, b = (device_home(tmp_path, name, rel_server.url, key) for name in ("a", "b"))
+    with cfs.open_store(a) as store:
+        ids = [store.save(text, tags=[text[:6], "🏷️"], summary=text[::-1],
+                          metadata={text[:5]: [text, {"ü": "𝄞"}]}).id for text in _EXOTIC]
+        store.session_end(store.session_start(label="ラベル 🙂").id, summary="요약 e\u0301")
+        store.link(ids[0], ids[1], "relates→to ✓")
+    assert sync(a)["pushed"]["memories"] == len(_EXOTIC)
+    assert sync(b)["pulled"]["memories"] == len(_EXOTIC)
+    columns = "id, content, summary, tags, metadata, content_hash"
+    for table, cols in (("memories", columns), ("sessions", "id, label, summary"),
+                        ("edges", "id, relation")):
+        rows = []
+        for home in (a, b):
+            with sqlite3.connect(home / "sync.db") as db:
+                db.text_factory = bytes                 # compare the stored bytes, not decoded text
+                rows.append(sorted(db.execute(f"SELECT {cols} FROM {table}").fetchall()))
+            db.close()
+        assert rows[0] == rows[1] and rows[0], table
+    shown = {m["id"]: m for m in (cli_json(b, "show", i) for i in ids)}
+    assert [shown[i]["content"] for i in ids] == _EXOTIC
+    assert cli_json(b, "show", ids[2])["content"].encode("utf-8") == _EXOTIC[2].encode("utf-8")
+    assert sync(a)["summary"] == "pushed 0, pulled 0" and sync(b)["summary"] == "pushed 0, pulled 0"
