@@ -1442,16 +1442,20 @@ class _Transaction:
         return self
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
+        conn = self.store.conn
         try:
             if self.outer:
                 if kind is None:
                     try:
-                        self.store.conn.execute("COMMIT")
+                        conn.execute("COMMIT")
                     except sqlite3.Error:
-                        self.store.conn.execute("ROLLBACK")
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
                         raise
-                else:
-                    self.store.conn.execute("ROLLBACK")
+                # A failed write (disk full, I/O error) may have rolled back already: a second
+                # ROLLBACK would fail and hide the real error.
+                elif conn.in_transaction:
+                    conn.execute("ROLLBACK")
         finally:
             self.store._lock.release()
 
@@ -1490,17 +1494,27 @@ def _refuse_nul(**fields: Any) -> None:
                              f"remove it (nothing was saved)")
 
 
+_WRITE_FAILURES = ("SQLITE_FULL", "SQLITE_IOERR_WRITE", "SQLITE_IOERR_SHMSIZE", "SQLITE_IOERR_TRUNCATE",
+                   "SQLITE_IOERR_FSYNC", "SQLITE_IOERR_SHMOPEN", "SQLITE_IOERR_SHMMAP", "SQLITE_IOERR_MMAP")
+
+
 def _store_error(path: Path, exc: Exception) -> StoreError:
     text = str(exc)
     if "not a database" in text or "malformed" in text:
-        return StoreError(f"{path} is not a valid SQLite database ({text}). It was left untouched: "
-                          f"restore a backup, or move it aside (mv {path} {path}.bak) to start a new store "
+        # "Untouched" would be a promise SQLite cannot keep: damage deep in the file shows only
+        # when a page is read, after other pages may have been written. We never replace it.
+        return StoreError(f"{path} is not a valid SQLite database ({text}). contextfs will not repair or "
+                          f"replace it: restore a backup, or move it aside (mv {path} {path}.bak) to start a new store "
                           f"and pull your memories again with: contextfs cloud sync")
     if "readonly" in text or "unable to open" in text:
         return StoreError(f"{path}: cannot write the local store ({text}); check the permissions of {path.parent}")
-    if "full" in text or ("I/O error" in text and _free_bytes(path.parent) < 1024 * 1024):
-        # A completely full disk often surfaces as a plain I/O error (no room for the -shm file).
-        return StoreError(f"{path}: the disk is full ({text}); free some space and retry — nothing was lost")
+    name = getattr(exc, "sqlite_errorname", "")  # Python 3.11+
+    if "full" in text or name in _WRITE_FAILURES or (
+            "I/O error" in text and (not name or _free_bytes(path.parent) < 1024 * 1024)):
+        # A full disk (ENOSPC) or a file size limit (EFBIG) surfaces as SQLITE_FULL or as an
+        # I/O error on write/extend; a completely full disk often as a plain I/O error.
+        return StoreError(f"{path}: cannot write: the disk is full or the file is too large ({text}); "
+                          f"free some space and retry — nothing was lost")
     return StoreError(f"{path}: local database error: {text}")
 
 
@@ -2463,10 +2477,11 @@ class SyncLock:
                     raise ContextFSError(f"Another sync is still running (lock {self.path} held for "
                                          f"{self.timeout:.0f}s); try again when it finishes") from None
                 time.sleep(0.1)
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
+        with _suppress(OSError):  # the pid is only a hint for humans: a full disk must not block
+            self.handle.seek(0)
+            self.handle.truncate()
+            self.handle.write(str(os.getpid()))
+            self.handle.flush()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -3282,9 +3297,11 @@ class _ServerTx:
                 self.conn.execute("COMMIT")
                 return
             except sqlite3.Error:
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
                 raise
-        self.conn.execute("ROLLBACK")
+        if self.conn.in_transaction:  # a failed write may have rolled back already
+            self.conn.execute("ROLLBACK")
 
 
 def server_init_db(data_dir: Path) -> Path:
@@ -5504,8 +5521,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_store_error(contextfs_home() / "sync.db", exc).message, file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
+        import errno
+
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"{exc.strerror or exc}{where}; nothing was lost", file=sys.stderr)
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+            print(f"Cannot write{where}: the disk is full or the file is too large ({exc.strerror}); "
+                  f"free some space and retry — nothing was lost", file=sys.stderr)
+        else:
+            print(f"{exc.strerror or exc}{where}; nothing was lost", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("Interrupted", file=sys.stderr)

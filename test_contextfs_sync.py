@@ -3454,7 +3454,7 @@ def test_api_key_never_appears_in_any_output_error_or_repr(rel_server, tmp_path,
             assert not any(s in text for s in _secret_parts(api_key)), text
 
 
-def _pulled(server, key):
+def _pulled_rows(server, key):
     """{(kind, id): object} of everything this key can pull (a fresh reader device)."""
     items, _ = pull_all(server, key, device=f"reader-{uuid.uuid4().hex[:8]}")
     return {(kind, i): obj for kind, i, obj in items}
@@ -3481,7 +3481,7 @@ def test_second_user_guessing_ids_cannot_overwrite_delete_or_read(rel_server):
          sessions=[{"id": s1, "label": "alice", "summary": "alice's session notes", "vector_clock": {a_dev: 1}}],
          edges=[dict(edge, vector_clock={a_dev: 1})])
     alice_id = api(rel_server, "/api/auth/me", key=alice).json()["id"]
-    before_rows, before_disk = _pulled(rel_server, alice), _rows_on_disk(rel_server, alice_id)
+    before_rows, before_disk = _pulled_rows(rel_server, alice), _rows_on_disk(rel_server, alice_id)
     assert len(before_rows) == 4 and sum(map(len, before_disk.values())) == 4
 
     # Overwrite attempts: Alice's exact ids with clocks that dominate hers, plain and forced.
@@ -3501,10 +3501,10 @@ def test_second_user_guessing_ids_cannot_overwrite_delete_or_read(rel_server):
          edges=[dict(edge, deleted_at=gone, vector_clock=tomb)], force=True)
 
     # Alice's rows are exactly as they were: through the API and in the server's file.
-    assert _pulled(rel_server, alice) == before_rows
+    assert _pulled_rows(rel_server, alice) == before_rows
     assert _rows_on_disk(rel_server, alice_id) == before_disk
     # Bob only ever reads his own rows: pull, diff (with Alice's ids and content hashes), status.
-    bob_rows = _pulled(rel_server, bob)
+    bob_rows = _pulled_rows(rel_server, bob)
     assert set(bob_rows) == set(before_rows)
     assert all(obj["deleted_at"] for obj in bob_rows.values())
     diff = api(rel_server, "/api/sync/diff", {"device_id": b_dev, "memories": [
@@ -3630,12 +3630,12 @@ def test_hostile_push_bodies_get_a_clear_4xx_and_store_nothing(rel_server):
         assert resp.status_code == 422, (obj, resp.text)
         entry = resp.json()["detail"][0]
         assert entry["loc"] == ["body", plural, 0] + loc_end and "NUL" in entry["msg"], entry
-    assert _pulled(rel_server, key) == {}             # not one of them was stored
+    assert _pulled_rows(rel_server, key) == {}             # not one of them was stored
 
     # Several MB under the limit is accepted and comes back byte-exact.
     big = "".join(chr(0x20 + (i % 0x5e)) for i in range(4 * 1024 * 1024)) + "🙂" * 1000
     assert push(rel_server, key, device, [{"id": "big", "content": big}])["accepted"] == 1
-    assert _pulled(rel_server, key)[("memories", "big")]["content"] == big
+    assert _pulled_rows(rel_server, key)[("memories", "big")]["content"] == big
     assert api(rel_server, "/health").status_code == 200
 
 
@@ -3683,3 +3683,186 @@ def test_exotic_unicode_round_trips_byte_exact_between_two_devices(rel_server, t
     assert [shown[i]["content"] for i in ids] == _EXOTIC
     assert cli_json(b, "show", ids[2])["content"].encode("utf-8") == _EXOTIC[2].encode("utf-8")
     assert sync(a)["summary"] == "pushed 0, pulled 0" and sync(b)["summary"] == "pushed 0, pulled 0"
+
+
+# -- bad local input -------------------------------------------------------------------------
+
+def _run_limited(home, *args, preexec, input=None, timeout=120):
+    """Like run_cli, with ``preexec`` applied in the child before exec (limits, dropped privileges)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTEXTFS_")}
+    env["CONTEXTFS_HOME"] = str(home)
+    return subprocess.run([CONTEXTFS, *args], input=input, capture_output=True, text=True, env=env,
+                          timeout=timeout, preexec_fn=preexec)
+
+
+def _file_size_limit(limit):
+    """preexec: writes past ``limit`` bytes fail with EFBIG, as on a full disk (SIGXFSZ ignored)."""
+    import resource
+
+    def apply():
+        _signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def _without_privileges():
+    """preexec: drop every capability (root without CAP_DAC_OVERRIDE obeys file modes like anyone).
+
+    Tests run as root here and in CI, where chmod alone restricts nothing; switching to `nobody`
+    is not possible because the interpreter lives under /root (mode 0700). Capabilities dropped
+    from the bounding set are gone after exec and cannot be regained.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def apply():
+        for cap in range(64):
+            if libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # PR_CAPBSET_DROP; EINVAL: no such cap
+                os._exit(97)
+    return apply
+
+
+def _one_clear_line(proc, *needles, code=1):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert all(n in lines[0] for n in needles), (needles, lines[0])
+    return lines[0]
+
+
+def _contents(home):
+    return sorted(m["content"] for m in cli_json(home, "list", "--limit", "100000"))
+
+
+def test_disk_full_during_save_and_sync_is_one_line_and_loses_nothing(rel_server, tmp_path):
+    key = new_user(rel_server)
+    writer, reader = (device_home(tmp_path, n, rel_server.url, key) for n in ("writer", "reader"))
+    big = [f"large memory {i} " + "z" * 20_000 for i in range(40)]
+    with cfs.open_store(writer) as store:
+        for text in big:
+            store.save(text)
+    sync(writer)
+    cli_json(reader, "save", "the reader's own note")
+    before = _contents(reader)
+    limit = (reader / "sync.db").stat().st_size + 64 * 1024    # room for a little, not 800 KB
+
+    # A pull that does not fit: one line, the pulled page rolled back, the store intact.
+    proc = _run_limited(reader, "cloud", "sync", preexec=_file_size_limit(limit))
+    _one_clear_line(proc, "disk is full or the file is too large", "nothing was lost")
+    assert integrity(reader) == "ok" and _contents(reader) == before
+    # A save that does not fit, on the full disk: refused, nothing half-written.
+    proc = _run_limited(reader, "save", "-", input="w" * 300_000, preexec=_file_size_limit(limit))
+    _one_clear_line(proc, "disk is full or the file is too large")
+    # A push whose bookkeeping cannot be written: the rows stay dirty and go again later.
+    cli_json(writer, "save", "written just before the disk filled")
+    proc = _run_limited(writer, "cloud", "sync", "--direction", "push", preexec=_file_size_limit(0))
+    _one_clear_line(proc, "disk is full or the file is too large")
+    proc = _run_limited(writer, "cloud", "configure", "--enabled", preexec=_file_size_limit(10))
+    _one_clear_line(proc, "config.toml", "File too large", "nothing was changed")
+    assert cfs.load_config(writer).server_url == rel_server.url   # the config survived whole
+
+    # Space again: every memory is there and the next commands work.
+    assert _contents(reader) == before and integrity(reader) == "ok"
+    assert sync(writer)["pushed"]["memories"] == 1
+    assert sync(reader)["pulled"]["memories"] == 41
+    assert _contents(reader) == sorted(before + big + ["written just before the disk filled"])
+    assert cli_json(reader, "save", "after the disk was freed")["dirty"] is True
+
+
+def test_read_only_home_is_one_line_and_loses_nothing(rel_server, tmp_path):
+    key = new_user(rel_server)
+    home = device_home(tmp_path, "ro", rel_server.url, key)
+    for i in range(5):
+        cli_json(home, "save", f"kept {i}")
+    sync(home)
+    cli_json(home, "save", "not yet pushed")
+    before = _contents(home)
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [home, *home.iterdir()]}
+    for path in modes:  # owned by someone else: without privileges we cannot chmod it back either
+        os.chown(path, 65534, 65534)
+        os.chmod(path, 0o555 if path.is_dir() else 0o444)
+    try:
+        drop = _without_privileges()
+        probe = subprocess.run(["sh", "-c", f"touch {home}/probe"], capture_output=True, preexec_fn=drop)
+        assert probe.returncode != 0, "dropping capabilities did not make the home read-only"
+        for args in (("save", "refused"), ("cloud", "sync"), ("list",), ("cloud", "configure", "--enabled")):
+            proc = _run_limited(home, *args, preexec=drop)
+            _one_clear_line(proc, str(home))
+            assert any(w in proc.stderr for w in ("permission", "Permission", "readonly", "read-only")), proc.stderr
+    finally:
+        for path, mode in modes.items():
+            os.chown(path, 0, 0)
+            os.chmod(path, mode)
+    assert not (home / "probe").exists()
+    assert _contents(home) == before and integrity(home) == "ok"
+    assert sync(home)["pushed"]["memories"] == 1
+    cli_json(home, "save", "writable again")
+
+
+def test_corrupt_store_during_cloud_sync_is_one_line_and_left_untouched(rel_server, tmp_path):
+    key = new_user(rel_server)
+    home = device_home(tmp_path, "dev", rel_server.url, key)
+    with cfs.open_store(home) as store, store.transaction():
+        for i in range(300):
+            store.save(f"row {i} " + "p" * 200)
+    db = home / "sync.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = bytearray(db.read_bytes())
+    middle = slice(len(data) // 2, len(data) // 2 + 8192)
+    data[middle] = b"\xa5" * 8192                        # damage pages in the middle
+    db.write_bytes(bytes(data))
+    inode = db.stat().st_ino
+    for args in (("cloud", "sync"), ("cloud", "sync", "--json"), ("cloud", "status")):
+        proc = run_cli(home, *args)
+        _one_clear_line(proc, "sync.db", "not a valid SQLite database (database disk image is malformed)",
+                        "will not repair or replace it", f"mv {db} {db}.bak")
+        # Never replaced or "repaired": same file, damage still there (SQLite may have written
+        # intact pages, e.g. rows marked pushed, before it read a damaged one).
+        assert db.stat().st_ino == inode and db.read_bytes()[middle] == b"\xa5" * 8192
+    on_server = {m["content"] for m in (o for (k, _i), o in _pulled_rows(rel_server, key).items() if k == "memories")}
+    assert on_server <= {f"row {i} " + "p" * 200 for i in range(300)}
+    garbage = b"not sqlite at all " * 1000
+    db.write_bytes(garbage)
+    proc = run_cli(home, "cloud", "sync")
+    _one_clear_line(proc, "not a valid SQLite database", f"mv {db} {db}.bak")
+    assert db.read_bytes() == garbage
+    db.rename(db.with_name("sync.db.bak"))               # the hint's way out works
+    assert sync(home)["pulled"]["memories"] == len(on_server)
+    assert set(_contents(home)) == on_server
+
+
+def test_malformed_config_during_cloud_sync_and_mcp_is_one_line(rel_server, tmp_path):
+    key = new_user(rel_server)
+    home = device_home(tmp_path, "dev", rel_server.url, key)
+    kept = cli_json(home, "save", "survives a broken config")
+    good = (home / "config.toml").read_text()
+    for bad, needle in (("[cloud]\nenabled = tru\n", "invalid TOML"), ("[cloud]\nenabled = 1\n", "cloud.enabled"),
+                        ("cloud = 3\n", "must be a table"), (b"\xff\xfe[cloud]", "UTF-8")):
+        if isinstance(bad, bytes):
+            (home / "config.toml").write_bytes(bad)
+        else:
+            (home / "config.toml").write_text(bad)
+        snapshot = (home / "config.toml").read_bytes()
+        proc = run_cli(home, "cloud", "sync")
+        _one_clear_line(proc, "config.toml", needle)
+        # The MCP server keeps serving: the sync tool answers with the same line as a tool error.
+        requests = [{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                        "protocolVersion": "2025-06-18", "capabilities": {},
+                        "clientInfo": {"name": "t", "version": "1"}}},
+                    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                    {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                     "params": {"name": "contextfs_sync", "arguments": {}}}]
+        mcp = run_cli(home, "mcp", input="".join(json.dumps(r) + "\n" for r in requests))
+        assert mcp.returncode == 0 and "Traceback" not in mcp.stderr, mcp.stderr
+        answers = {a["id"]: a for a in map(json.loads, mcp.stdout.splitlines())}
+        result = answers[2]["result"]
+        assert result["isError"] is True, result
+        text = result["content"][0]["text"]
+        assert "config.toml" in text and needle in text and "\n" not in text, text
+        assert (home / "config.toml").read_bytes() == snapshot          # never rewritten
+    (home / "config.toml").write_text(good)
+    assert cli_json(home, "show", kept["id"])["content"] == kept["content"]
+    assert sync(home)["pushed"]["memories"] == 1
