@@ -56,7 +56,9 @@ ENV_SERVER_URL = "CONTEXTFS_SERVER_URL"
 MSG_DISABLED = "Cloud sync is disabled. Run: contextfs cloud configure --enabled"
 MSG_NO_KEY = "No API key configured. Run: contextfs cloud login"
 
-MEMORY_TYPES = ("fact", "decision", "procedure", "error", "code", "note", "episodic", "user")
+# Suggested types: the values every ContextFS client understands (protocol.md §3.1: the public
+# client's pull fails on a type outside its enum, so we suggest none outside it).
+MEMORY_TYPES = ("fact", "decision", "procedural", "error", "code", "episodic", "user", "todo")
 EMBEDDERS = ("default", "hash", "none")
 DEFAULT_TTL_SECONDS = 24 * 3600
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -513,6 +515,28 @@ def encoded_batches(items: Iterable[Tuple[Any, bytes]], max_count: int,
         size += item_size
     if batch:
         yield batch
+
+
+def nul_path(value: Any) -> Optional[List[Any]]:
+    """Path (keys/indexes) to the first string (or key) holding a NUL character, or None.
+
+    SQL servers (the ContextFS Cloud anchor stores JSON in PostgreSQL) cannot store NUL in text,
+    so a memory holding one could never be pushed: the store refuses it, the server answers 422.
+    """
+    stack: List[Tuple[Any, List[Any]]] = [(value, [])]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return path
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                if isinstance(key, str) and "\x00" in key:
+                    return path + [key.replace("\x00", "\\0")]
+                stack.append((child, path + [key]))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((child, path + [i]) for i, child in enumerate(node))
+    return None
 
 
 def parse_ttl(text: str) -> int:
@@ -1098,6 +1122,7 @@ class Store:
 
         if not isinstance(content, str) or not content.strip():
             raise UsageError("Memory content is empty: give the text to save (or - to read stdin)")
+        _refuse_nul(content=content, type=type, tags=tags, summary=summary, metadata=metadata)
         type = (type or "fact").strip() or "fact"
         now = utc_now()
         memory = Memory(
@@ -1147,6 +1172,7 @@ class Store:
         """Change a memory; ``publish`` turns a draft into a normal (syncable) memory."""
         if content is not None and not content.strip():
             raise UsageError("Memory content is empty: give the new text (or - to read stdin)")
+        _refuse_nul(content=content, type=type, tags=tags, summary=summary, metadata=metadata)
         with self._lock, self.transaction():
             memory = self._get("memory", self.resolve_id(memory_id))
             if memory is None or memory.deleted_at:
@@ -1329,6 +1355,7 @@ class Store:
             raise UsageError("Relation is empty: give --relation, e.g. related_to")
         if len(relation.strip()) > MAX_ID_CHARS:  # the server would refuse it and every later push
             raise UsageError(f"Relation is longer than {MAX_ID_CHARS} characters; use a short name")
+        _refuse_nul(relation=relation, metadata=metadata)
         with self._lock, self.transaction():
             from_id = self.resolve_id(from_id)
             to_id = self.resolve_id(to_id)
@@ -1374,6 +1401,7 @@ class Store:
         """Start a session; new memories are attached to it until it ends."""
         import uuid
 
+        _refuse_nul(label=label, tool=tool, repo=repo)
         now = utc_now()
         session = Session(id=str(uuid.uuid4()), label=label, tool=tool or "contextfs",
                           repo=repo, started_at=now)
@@ -1384,6 +1412,7 @@ class Store:
 
     def session_end(self, session_id: Optional[str] = None, summary: Optional[str] = None) -> Session:
         """End a session (default: the current one), storing its summary."""
+        _refuse_nul(summary=summary)
         with self._lock, self.transaction():
             sid = session_id or self.state("current_session")
             if not sid:
@@ -1423,16 +1452,20 @@ class _Transaction:
         return self
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
+        conn = self.store.conn
         try:
             if self.outer:
                 if kind is None:
                     try:
-                        self.store.conn.execute("COMMIT")
+                        conn.execute("COMMIT")
                     except sqlite3.Error:
-                        self.store.conn.execute("ROLLBACK")
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
                         raise
-                else:
-                    self.store.conn.execute("ROLLBACK")
+                # A failed write (disk full, I/O error) may have rolled back already: a second
+                # ROLLBACK would fail and hide the real error.
+                elif conn.in_transaction:
+                    conn.execute("ROLLBACK")
         finally:
             self.store._lock.release()
 
@@ -1463,17 +1496,35 @@ def _like_snippet(text: str, words: List[str], width: int = 80) -> str:
     return ("…" if start else "") + piece + ("…" if start + width < len(text) else "")
 
 
+def _refuse_nul(**fields: Any) -> None:
+    """Refuse text holding NUL (see nul_path): it could never be pushed, so it is never saved."""
+    for name, value in fields.items():
+        if value is not None and nul_path(value) is not None:
+            raise UsageError(f"The {name} contains a NUL character (\\0), which sync servers cannot store; "
+                             f"remove it (nothing was saved)")
+
+
+_WRITE_FAILURES = ("SQLITE_FULL", "SQLITE_IOERR_WRITE", "SQLITE_IOERR_SHMSIZE", "SQLITE_IOERR_TRUNCATE",
+                   "SQLITE_IOERR_FSYNC", "SQLITE_IOERR_SHMOPEN", "SQLITE_IOERR_SHMMAP", "SQLITE_IOERR_MMAP")
+
+
 def _store_error(path: Path, exc: Exception) -> StoreError:
     text = str(exc)
     if "not a database" in text or "malformed" in text:
-        return StoreError(f"{path} is not a valid SQLite database ({text}). It was left untouched: "
-                          f"restore a backup, or move it aside (mv {path} {path}.bak) to start a new store "
+        # "Untouched" would be a promise SQLite cannot keep: damage deep in the file shows only
+        # when a page is read, after other pages may have been written. We never replace it.
+        return StoreError(f"{path} is not a valid SQLite database ({text}). contextfs will not repair or "
+                          f"replace it: restore a backup, or move it aside (mv {path} {path}.bak) to start a new store "
                           f"and pull your memories again with: contextfs cloud sync")
     if "readonly" in text or "unable to open" in text:
         return StoreError(f"{path}: cannot write the local store ({text}); check the permissions of {path.parent}")
-    if "full" in text or ("I/O error" in text and _free_bytes(path.parent) < 1024 * 1024):
-        # A completely full disk often surfaces as a plain I/O error (no room for the -shm file).
-        return StoreError(f"{path}: the disk is full ({text}); free some space and retry — nothing was lost")
+    name = getattr(exc, "sqlite_errorname", "")  # Python 3.11+
+    if "full" in text or name in _WRITE_FAILURES or (
+            "I/O error" in text and (not name or _free_bytes(path.parent) < 1024 * 1024)):
+        # A full disk (ENOSPC) or a file size limit (EFBIG) surfaces as SQLITE_FULL or as an
+        # I/O error on write/extend; a completely full disk often as a plain I/O error.
+        return StoreError(f"{path}: cannot write: the disk is full or the file is too large ({text}); "
+                          f"free some space and retry — nothing was lost")
     return StoreError(f"{path}: local database error: {text}")
 
 
@@ -2118,6 +2169,8 @@ MAX_RETRIES = 4          # attempts after the first, for connect errors, 429 and
 MAX_BACKOFF = 8.0        # seconds; a server's Retry-After is honoured up to MAX_RETRY_AFTER
 MAX_RETRY_AFTER = 30.0
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+# What an API key may hold: anything else cannot go in a header, and httpx's error would quote it.
+_API_KEY_CHARS = re.compile(r"[\x21-\x7e]+")
 
 
 def check_server_url(url: str, insecure: bool = False) -> str:
@@ -2239,6 +2292,9 @@ class CloudClient:
         if auth:
             if not self.api_key:
                 raise NotConfigured(MSG_NO_KEY)
+            if not _API_KEY_CHARS.fullmatch(self.api_key):
+                raise AuthError("The API key holds spaces, control or non-ASCII characters, so it cannot be "
+                                "sent (it is not shown here); check it, or run: contextfs cloud login")
             headers["X-API-Key"] = self.api_key
         content = raw_body
         if body is not None:
@@ -2451,10 +2507,11 @@ class SyncLock:
                     raise ContextFSError(f"Another sync is still running (lock {self.path} held for "
                                          f"{self.timeout:.0f}s); try again when it finishes") from None
                 time.sleep(0.1)
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
+        with _suppress(OSError):  # the pid is only a hint for humans: a full disk must not block
+            self.handle.seek(0)
+            self.handle.truncate()
+            self.handle.write(str(os.getpid()))
+            self.handle.flush()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -3246,6 +3303,11 @@ def _check_entity(schema: _Schema, kind: str, obj: Any, loc: Tuple[Any, ...]) ->
         for i, tag in enumerate(tags or []):
             if not isinstance(tag, str):
                 schema.add("string_type", loc + ("tags", i), "Input should be a valid string")
+        embedding = schema.field(obj, "embedding", loc, "list")  # dropped, but typed like the anchor's
+        for i, value in enumerate(embedding or []):
+            if not _TYPE_CHECKS["number"][0](value):
+                schema.add("float_type", loc + ("embedding", i), "Input should be a valid number")
+                break
     if kind == "edge":
         schema.field(obj, "weight", loc, "number")
     for key in _SERVER_STRING_FIELDS[kind]:
@@ -3263,6 +3325,10 @@ def _check_entity(schema: _Schema, kind: str, obj: Any, loc: Tuple[Any, ...]) ->
                        "Input should be a non-negative 64-bit integer")
         elif len(device) > MAX_ID_CHARS:
             schema.add("string_too_long", loc + ("vector_clock",), f"Device ids have at most {MAX_ID_CHARS} characters")
+    if len(schema.errors) == before:
+        where = nul_path(obj)  # in any text, tag, metadata key or value: never storable upstream
+        if where is not None:
+            schema.add("string_pattern_mismatch", loc + tuple(where), "String should not contain NUL characters")
     return len(schema.errors) == before
 
 
@@ -3360,9 +3426,11 @@ class _ServerTx:
                 self.conn.execute("COMMIT")
                 return
             except sqlite3.Error:
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
                 raise
-        self.conn.execute("ROLLBACK")
+        if self.conn.in_transaction:  # a failed write may have rolled back already
+            self.conn.execute("ROLLBACK")
 
 
 def server_init_db(data_dir: Path) -> Path:
@@ -3669,6 +3737,8 @@ class SyncServerApp:
         schema = _Schema()
         device_id = schema.ident(body, "device_id", ("body",))
         force = schema.field(body, "force", ("body",), "bool", default=False)
+        schema.timestamp(body, "last_sync_timestamp", ("body",))  # ignored, but typed like the anchor's
+        schema.field(body, "backend_type", ("body",), "str")
         items: List[Tuple[str, Tuple[str, ...], dict, Clock]] = []
         for kind, (_table, _key, plural) in _SERVER_KINDS.items():
             entries = schema.field(body, plural, ("body",), "list", nullable=False, default=[])
@@ -5580,8 +5650,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_store_error(contextfs_home() / "sync.db", exc).message, file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
+        import errno
+
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"{exc.strerror or exc}{where}; nothing was lost", file=sys.stderr)
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+            print(f"Cannot write{where}: the disk is full or the file is too large ({exc.strerror}); "
+                  f"free some space and retry — nothing was lost", file=sys.stderr)
+        else:
+            print(f"{exc.strerror or exc}{where}; nothing was lost", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("Interrupted", file=sys.stderr)
