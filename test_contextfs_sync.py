@@ -3061,6 +3061,12 @@ class _Gate:
             self.release.wait(60)
 
 
+def cli_sync_process(home):
+    """`contextfs cloud sync --json` started in the background (stdout and stderr piped)."""
+    return subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=cli_env(home), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def test_second_sync_waits_for_the_lock_then_completes(rel_server, tmp_path):
     key = new_user(rel_server)
     gate = _Gate("/api/sync/push")
@@ -3068,13 +3074,10 @@ def test_second_sync_waits_for_the_lock_then_completes(rel_server, tmp_path):
     try:
         home = device_home(tmp_path, "dev", proxy.url, key)
         ids = {cli_json(home, "save", f"first batch {i}")["id"] for i in range(3)}
-        env = cli_env(home)
-        first = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+        first = cli_sync_process(home)
         assert gate.held.wait(30)                   # the first sync holds the lock, mid-push
         seen = proxy.count
-        second = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+        second = cli_sync_process(home)
         with pytest.raises(subprocess.TimeoutExpired):
             second.wait(timeout=1.5)                # it waits on the lock …
         assert proxy.count == seen                  # … without sending anything
@@ -3111,9 +3114,7 @@ def test_cli_writes_during_a_sync_are_kept_and_stay_dirty_if_they_raced_the_push
     try:
         home = device_home(tmp_path, "dev", proxy.url, key)
         raced = cli_json(home, "save", "version read by the push")
-        env = cli_env(home)
-        syncing = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--json"], env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+        syncing = cli_sync_process(home)
         assert gate.held.wait(30)                    # the push has read the row and is on the wire
         cli_json(home, "edit", raced["id"], "edited while the push was in flight")
         during = cli_json(home, "save", "saved during the sync")
