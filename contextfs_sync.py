@@ -1134,7 +1134,7 @@ class Store:
             expires_at=format_ts(datetime.now(timezone.utc) + timedelta(seconds=ttl)) if ttl else None,
             content_hash=content_hash(content),
         )
-        with self._lock, self.transaction():
+        with self.transaction():
             if self._get("memory", memory.id) is not None:
                 raise UsageError(f"Memory {memory.id} already exists")
             self._local_write("memory", memory)
@@ -1173,7 +1173,7 @@ class Store:
         if content is not None and not content.strip():
             raise UsageError("Memory content is empty: give the new text (or - to read stdin)")
         _refuse_nul(content=content, type=type, tags=tags, summary=summary, metadata=metadata)
-        with self._lock, self.transaction():
+        with self.transaction():
             memory = self._get("memory", self.resolve_id(memory_id))
             if memory is None or memory.deleted_at:
                 raise NotFound(f"No memory with id {memory_id!r} (see: contextfs list)")
@@ -1199,7 +1199,7 @@ class Store:
 
     def delete(self, memory_id: str) -> Memory:
         """Delete a memory: a tombstone that syncs like any other change."""
-        with self._lock, self.transaction():
+        with self.transaction():
             memory = self._get("memory", self.resolve_id(memory_id))
             if memory is None or memory.deleted_at:
                 raise NotFound(f"No memory with id {memory_id!r} (see: contextfs list)")
@@ -1253,8 +1253,8 @@ class Store:
                        "WHERE memories_fts MATCH ?" + "".join(f" AND {w}" for w in where) +
                        " ORDER BY rank LIMIT ?")
                 rows = self.conn.execute(sql, [fts_query] + params + [limit]).fetchall()
-                return [SearchHit(_from_row(Memory, r, _MEMORY_COLUMNS), -float(r["rank"]),
-                                  r["snip"], {"keyword": -float(r["rank"])}) for r in rows]
+                return [SearchHit(memory, -float(r["rank"]), r["snip"], {"keyword": -float(r["rank"])})
+                        for memory, r in zip(_from_rows(Memory, rows, _MEMORY_COLUMNS), rows)]
             return self._like_search(query, limit, where, params)
 
     def _like_search(self, query: str, limit: int, where: List[str], params: List[Any]) -> List[SearchHit]:
@@ -1264,12 +1264,9 @@ class Store:
         sql = (f"SELECT m.*, ({score_sql}) AS score FROM memories m WHERE ({score_sql}) > 0"
                + "".join(f" AND {w}" for w in where) + " ORDER BY score DESC, m.updated_at DESC LIMIT ?")
         rows = self.conn.execute(sql, words + words + params + [limit]).fetchall()
-        hits = []
-        for r in rows:
-            memory = _from_row(Memory, r, _MEMORY_COLUMNS)
-            hits.append(SearchHit(memory, float(r["score"]), _like_snippet(memory.content, words),
-                                  {"keyword": float(r["score"])}))
-        return hits
+        return [SearchHit(memory, float(r["score"]), _like_snippet(memory.content, words),
+                          {"keyword": float(r["score"])})
+                for memory, r in zip(_from_rows(Memory, rows, _MEMORY_COLUMNS), rows)]
 
     def purge_expired(self) -> int:
         """Remove expired temporary memories (they never left this device)."""
@@ -1316,14 +1313,14 @@ class Store:
         """
         if keep not in ("local", "cloud"):
             raise UsageError("--keep must be local or cloud")
-        with self._lock, self.transaction():
+        with self.transaction():
             row = self._get("memory", memory_id)
             if row is not None and row.conflict_of:
                 copies = [row]
             else:
-                copies = [m for m in (_from_row(Memory, r, _MEMORY_COLUMNS) for r in self.conn.execute(
+                copies = _from_rows(Memory, self.conn.execute(
                     "SELECT * FROM memories WHERE conflict_of = ? AND deleted_at IS NULL "
-                    "ORDER BY updated_at DESC", (memory_id,)))]
+                    "ORDER BY updated_at DESC", (memory_id,)).fetchall(), _MEMORY_COLUMNS)
             if not copies:
                 raise NotFound(f"No unresolved conflict for {memory_id!r} (see: contextfs cloud conflicts)")
             if keep == "local" and len(copies) > 1:
@@ -1356,7 +1353,7 @@ class Store:
         if len(relation.strip()) > MAX_ID_CHARS:  # the server would refuse it and every later push
             raise UsageError(f"Relation is longer than {MAX_ID_CHARS} characters; use a short name")
         _refuse_nul(relation=relation, metadata=metadata)
-        with self._lock, self.transaction():
+        with self.transaction():
             from_id = self.resolve_id(from_id)
             to_id = self.resolve_id(to_id)
             edge = Edge(from_id=from_id, to_id=to_id, relation=relation.strip())
@@ -1374,7 +1371,7 @@ class Store:
 
     def unlink(self, from_id: str, to_id: str, relation: str = "related_to") -> Edge:
         """Delete a relationship (a tombstone that syncs)."""
-        with self._lock, self.transaction():
+        with self.transaction():
             edge = self._get("edge", Edge(from_id, to_id, relation).id)
             if edge is None or edge.deleted_at:
                 raise NotFound(f"No relationship {from_id} -[{relation}]-> {to_id}")
@@ -1405,7 +1402,7 @@ class Store:
         now = utc_now()
         session = Session(id=str(uuid.uuid4()), label=label, tool=tool or "contextfs",
                           repo=repo, started_at=now)
-        with self._lock, self.transaction():
+        with self.transaction():
             self._local_write("session", session)
             self.set_state("current_session", session.id)
         return session
@@ -1413,7 +1410,7 @@ class Store:
     def session_end(self, session_id: Optional[str] = None, summary: Optional[str] = None) -> Session:
         """End a session (default: the current one), storing its summary."""
         _refuse_nul(summary=summary)
-        with self._lock, self.transaction():
+        with self.transaction():
             sid = session_id or self.state("current_session")
             if not sid:
                 raise NotFound("No session is running (start one: contextfs session start)")
@@ -1446,9 +1443,13 @@ class _Transaction:
     def __enter__(self) -> "_Transaction":
         conn = self.store.conn
         self.store._lock.acquire()
-        self.outer = not conn.in_transaction
-        if self.outer:
-            conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.outer = not conn.in_transaction
+            if self.outer:
+                conn.execute("BEGIN IMMEDIATE")
+        except BaseException:  # no __exit__ follows a failed __enter__: release here
+            self.store._lock.release()
+            raise
         return self
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
@@ -1817,8 +1818,13 @@ class SemanticIndex:
         for start in range(0, len(ids), INDEX_BATCH):
             chunk = list(dict.fromkeys(ids[start:start + INDEX_BATCH]))
             rows = _memories_by_id(store, chunk)
-            live = [rows[i] for i in chunk if _indexable(rows.get(i))]
-            gone = [i for i in chunk if not _indexable(rows.get(i))]
+            live: List[Memory] = []
+            gone: List[str] = []
+            for i in chunk:
+                if _indexable(rows.get(i)):
+                    live.append(rows[i])
+                else:
+                    gone.append(i)
             self.upsert(live)
             if gone:
                 self.delete(gone)
@@ -1861,7 +1867,7 @@ def _memories_by_id(store: Store, ids: List[str]) -> Dict[str, Memory]:
     with store._lock:
         rows = store.conn.execute(f"SELECT * FROM memories WHERE id IN ({', '.join('?' * len(ids))})",
                                   ids).fetchall()
-    return {r["id"]: _from_row(Memory, r, _MEMORY_COLUMNS) for r in rows}
+    return {m.id: m for m in _from_rows(Memory, rows, _MEMORY_COLUMNS)}
 
 
 def _indexable_count(store: Store) -> int:
@@ -2298,7 +2304,7 @@ class CloudClient:
             headers["X-API-Key"] = self.api_key
         content = raw_body
         if body is not None:
-            content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            content = wire_json(body)
         if content is not None:
             headers["Content-Type"] = "application/json"
         attempt = 0
