@@ -1529,6 +1529,17 @@ def _store_error(path: Path, exc: Exception) -> StoreError:
     return StoreError(f"{path}: local database error: {text}")
 
 
+def _os_error_line(exc: OSError) -> str:
+    """One line for a failed file operation (a full disk named as such)."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+        return (f"Cannot write{where}: the disk is full or the file is too large ({exc.strerror}); "
+                f"free some space and retry — nothing was lost")
+    return f"{exc.strerror or exc}{where}; nothing was lost"
+
+
 def _free_bytes(directory: Path) -> int:
     try:
         st = os.statvfs(directory)
@@ -2648,7 +2659,7 @@ class SyncEngine:
     def push(self, report: SyncReport, push_all: bool = False, force: bool = False,
              dry_run: bool = False) -> None:
         """Send dirty (or, with push_all, all) syncable rows in bounded batches."""
-        plural = {"memory": "memories", "session": "sessions", "edge": "edges"}
+        plural = _WIRE_LISTS
         where = _PUSHABLE["memory"]
         # Dirty deletions are found through the dirty index; the whole store is counted only
         # when there are enough of them to matter (no table scan on an ordinary sync).
@@ -2872,7 +2883,7 @@ class SyncEngine:
         upserted: List[str] = []
         deleted: List[str] = []
         store = self.store
-        plural = {"memory": "memories", "session": "sessions", "edge": "edges"}
+        plural = _WIRE_LISTS
         with store.transaction():
             for kind in ("session", "memory", "edge"):
                 incoming = page[kind]
@@ -2891,7 +2902,9 @@ class SyncEngine:
                     local = local_rows.get(cloud.id)
                     verdict = decide_incoming(
                         local.vector_clock if local else None, bool(local and local.dirty),
-                        local is not None and _same_version(kind, local, cloud), cloud.vector_clock)
+                        # same_version only matters for a dirty local row: clean rows skip the compare
+                        local is not None and local.dirty and _same_version(kind, local, cloud),
+                        cloud.vector_clock)
                     if verdict in (APPLY_SKIP, APPLY_KEEP_LOCAL):
                         continue
                     if dry_run:
@@ -3468,10 +3481,9 @@ def server_init_db(data_dir: Path) -> Path:
 
 
 def _b64url_token(nbytes: int = 32) -> str:
-    import base64
     import secrets
 
-    return base64.urlsafe_b64encode(secrets.token_bytes(nbytes)).rstrip(b"=").decode("ascii")
+    return b64url_encode(secrets.token_bytes(nbytes), pad=False)
 
 
 def _key_hash(key: str) -> str:
@@ -3643,11 +3655,6 @@ class SyncServerApp:
         if last is None or (now - last).total_seconds() >= _KEY_USED_GRANULARITY_S:
             conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (format_ts(now), row["key_id"]))
         return row
-
-    @staticmethod
-    def _next_seq(conn: sqlite3.Connection) -> int:
-        conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'seq'")
-        return conn.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
 
     @staticmethod
     def _claim_device(conn: sqlite3.Connection, user_id: str, device_id: str, now: str) -> None:
@@ -4769,8 +4776,7 @@ class McpServer:
         except sqlite3.Error as exc:
             return _tool_error(_store_error(contextfs_home() / "sync.db", exc).message)
         except OSError as exc:
-            where = f" ({exc.filename})" if exc.filename else ""
-            return _tool_error(f"{exc.strerror or exc}{where}; nothing was lost")
+            return _tool_error(_os_error_line(exc))
         except Exception as exc:  # a bug in a tool is reported to the model, not fatal to the server
             import traceback
 
@@ -5656,14 +5662,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_store_error(contextfs_home() / "sync.db", exc).message, file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
-        import errno
-
-        where = f" ({exc.filename})" if exc.filename else ""
-        if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
-            print(f"Cannot write{where}: the disk is full or the file is too large ({exc.strerror}); "
-                  f"free some space and retry — nothing was lost", file=sys.stderr)
-        else:
-            print(f"{exc.strerror or exc}{where}; nothing was lost", file=sys.stderr)
+        print(_os_error_line(exc), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("Interrupted", file=sys.stderr)
