@@ -31,6 +31,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import contextfs_server
 import contextfs_sync as cfs
 
 HERE = Path(__file__).resolve().parent
@@ -343,7 +344,7 @@ def _bench_size(n: int, root: Path, repeats: int, log, servers: List[Server]) ->
         data = top / f"server{r}"
         server = our_server(data)
         servers.append(server)
-        key = cfs.server_add_user(data, "bench@example.com")
+        key = contextfs_server.add_user(data, "bench@example.com")
         device_a = top / f"device-a{r}"
         shutil.copytree(template, device_a)
         configure(device_a, server.url, key)
