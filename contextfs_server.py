@@ -292,6 +292,8 @@ def _stored_entity(kind: str, obj: dict) -> Tuple[Tuple[str, ...], dict, Clock]:
                     namespace_id=mem.namespace_id, metadata=mem.metadata, encrypted=mem.encrypted,
                     created_at=mem.created_at, updated_at=mem.updated_at, deleted_at=mem.deleted_at,
                     content_hash=mem.content_hash or None)
+        if mem.deleted_at is not None:
+            body["summary"] = None  # a tombstone keeps nothing of what the memory said (from_wire erased the rest)
         return (mem.id,), body, mem.vector_clock
     if kind == "session":
         ses = Session.from_wire(obj)
@@ -684,15 +686,16 @@ class SQLiteStorage:
 
     def changes_after(self, user_id: str, device_id: str, after: int, limit: int,
                       namespaces: Optional[List[str]], exclude_own: Optional[Tuple[int, int]],
-                      now: str) -> Tuple[List[PulledRow], bool, int]:
+                      now: str, peek: bool = False) -> Tuple[List[PulledRow], bool, int]:
         """Up to ``limit`` rows with a server seq above ``after``, in seq order, from one snapshot.
 
         ``exclude_own`` (first, last) leaves out the rows this device itself wrote at those seqs
         (it holds them already, exactly as stored). Returns (rows, has_more, the last seq handed
-        out so far)."""
+        out so far). ``peek`` reads only: the device is not registered or touched."""
         conn = self._conn()
-        with _Tx(conn, immediate=True):
-            self._claim_device(conn, user_id, device_id, now)
+        if not peek:
+            with _Tx(conn, immediate=True):
+                self._claim_device(conn, user_id, device_id, now)
         own_sql, own_args = "", []
         if exclude_own is not None:
             own_sql = " AND NOT (seq BETWEEN ? AND ? AND last_modified_by = ?)"
@@ -716,20 +719,22 @@ class SQLiteStorage:
                          (served_seq, cursor, device_id, user_id))
 
     def changes_since(self, user_id: str, device_id: str, since: Optional[str], limit: int, offset: int,
-                      namespaces: Optional[List[str]],
-                      now: str) -> Tuple[Dict[str, List[str]], bool, int, str]:
+                      namespaces: Optional[List[str]], now: str,
+                      peek: bool = False) -> Tuple[Dict[str, List[str]], bool, int, str]:
         """The anchor's paging: each kind's rows received after ``since``, ``limit`` from ``offset``.
 
         Filters on the server's receive time, never on client clocks. Taken under the write
         lock, so the returned timestamp and the snapshot agree: every later push stamps
         received_at after it, and 1 µs of slack means an equal stamp is re-sent, never skipped
         (protocol.md §8 bugs b-d). Returns (kind -> stored bodies, has_more, top seq, timestamp).
+        ``peek`` reads only: the device is not registered or touched.
         """
         conn = self._conn()
         lists: Dict[str, List[str]] = {}
         has_more, top = False, 0
         with _Tx(conn, immediate=True):
-            self._claim_device(conn, user_id, device_id, now)
+            if not peek:
+                self._claim_device(conn, user_id, device_id, now)
             timestamp = format_ts(datetime.now(timezone.utc) - timedelta(microseconds=1))
             for kind, (table, _key) in _TABLES.items():
                 ns_sql, ns_args = _namespace_filter(kind, namespaces)
@@ -741,8 +746,10 @@ class SQLiteStorage:
                 has_more = has_more or len(page) > limit
                 lists[kind] = [r[1] for r in page[:limit]]
                 top = max([top] + [r[0] for r in page[:limit]])
-            conn.execute("UPDATE devices SET served_seq = max(coalesce(served_seq, 0), ?), "
-                         "sync_cursor = ? WHERE user_id = ? AND device_id = ?", (top, timestamp, user_id, device_id))
+            if not peek:
+                conn.execute("UPDATE devices SET served_seq = max(coalesce(served_seq, 0), ?), "
+                             "sync_cursor = ? WHERE user_id = ? AND device_id = ?",
+                             (top, timestamp, user_id, device_id))
         return lists, has_more, top, timestamp
 
     def manifest_rows(self, user_id: str, namespaces: Optional[List[str]]) -> Dict[str, List[dict]]:
@@ -1122,6 +1129,8 @@ class ServerApp:
         limit = schema.field(body, "limit", ("body",), "int", default=1000)
         offset = schema.field(body, "offset", ("body",), "int", default=0)
         namespaces = schema.str_list(body, "namespace_ids", ("body",))
+        # peek (our extension, for `cloud sync --dry-run`): read only, no device state moves.
+        peek = bool(schema.field(body, "peek", ("body",), "bool", default=False))
         cursor_mode = "cursor" in body  # our extension; anchor clients never send the key
         after = 0
         if body.get("cursor") is not None:
@@ -1141,10 +1150,10 @@ class ServerApp:
         offset = min(max(offset, 0), 2 ** 62)
         if cursor_mode:
             return self._pull_after_cursor(user["id"], device_id, after, limit, namespaces,
-                                           tuple(own) if own is not None else None, server_timestamp)
+                                           tuple(own) if own is not None else None, server_timestamp, peek)
 
         bodies, has_more, top, server_timestamp = self.storage.changes_since(
-            user["id"], device_id, since, limit, offset, namespaces, server_timestamp)
+            user["id"], device_id, since, limit, offset, namespaces, server_timestamp, peek=peek)
         lists = {kind: [_wire_row(kind, text) for text in bodies[kind]] for kind in WIRE_LISTS}
         # Each list is paged on its own, so the next offset is the longest list's length
         # (the anchor's sum of lengths skips rows: protocol.md §8 bug a).
@@ -1155,10 +1164,10 @@ class ServerApp:
 
     def _pull_after_cursor(self, user_id: str, device_id: str, after: int, limit: int,
                            namespaces: Optional[List[str]], own: Optional[Tuple[int, int]],
-                           server_timestamp: str) -> _RawJSON:
+                           server_timestamp: str, peek: bool = False) -> _RawJSON:
         """Cursor-mode pull: the rows after a server seq, as one JSON text."""
         rows, has_more, top_seq = self.storage.changes_after(user_id, device_id, after, limit, namespaces,
-                                                             own, server_timestamp)
+                                                             own, server_timestamp, peek=peek)
         # A page also stops at max_body bytes of rows (at least one row), so a client that
         # can push a batch can pull it back and a page never grows without bound.
         size = 0
@@ -1172,7 +1181,8 @@ class ServerApp:
             # Everything up to the excluded range's end was sent or left out on purpose: move
             # past it (never past the last seq handed out), or the next sync would fetch it.
             next_cursor = str(max(int(next_cursor), min(own[1], top_seq)))
-        self.storage.save_cursor(user_id, device_id, int(next_cursor), server_timestamp)
+        if not peek:
+            self.storage.save_cursor(user_id, device_id, int(next_cursor), server_timestamp)
         # The stored rows are spliced into the answer as they are (no decode, no re-encode):
         # the bytes are the same as encoding _wire_row() of each.
         pieces: Dict[str, List[str]] = {kind: [] for kind in WIRE_LISTS}

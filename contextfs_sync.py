@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Container, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -115,7 +115,12 @@ class AuthError(ContextFSError):
 
 
 class ServerError(ContextFSError):
-    """The server is down, unreachable, or answered with an error."""
+    """The server is down, unreachable, or answered with an error (``status`` 0 when it never answered)."""
+
+    def __init__(self, message: str, exit_code: Optional[int] = None, status: int = 0, detail: str = ""):
+        super().__init__(message, exit_code)
+        self.status = status
+        self.detail = detail
 
 
 class CryptoError(ContextFSError):
@@ -201,10 +206,18 @@ def clock_merge(a: Clock, b: Clock) -> Clock:
     return {k: v for k, v in sorted(merged.items()) if v > 0}
 
 
-def clock_tick(clock: Clock, device_id: str) -> Clock:
-    """A copy of ``clock`` with this device's counter incremented by one."""
+def clock_tick(clock: Clock, device_id: str, now: Optional[float] = None) -> Clock:
+    """A copy of ``clock`` with this device's entry set to ``max(previous + 1, Unix seconds)``.
+
+    Syncthing's rule for version vectors: a counter that also tracks the wall clock never
+    repeats, even when the store it lives in is rolled back (a home restored from a backup,
+    a power cut that loses the end of the WAL). A rolled-back device would otherwise mint
+    ``{D: 2}`` a second time for a different text, and every device that already holds the
+    first ``{D: 2}`` would take the second for the version it has. ``now`` is for tests.
+    """
     ticked = dict(clock)
-    ticked[device_id] = ticked.get(device_id, 0) + 1
+    seconds = int(time.time() if now is None else now)
+    ticked[device_id] = max(ticked.get(device_id, 0) + 1, seconds)
     return ticked
 
 
@@ -256,19 +269,31 @@ class Memory:
     encrypted: bool = False
     dirty: bool = False
     seq: int = 0
+    last_modified_by: Optional[str] = None   # set by servers on pulled rows; never stored or sent
 
     @property
     def local_only(self) -> bool:
-        """Drafts, temporary memories and unresolved conflict copies never leave the device."""
-        return self.draft or self.expires_at is not None or self.conflict_of is not None
+        """Drafts and temporary memories never leave the device (conflict copies do: backups)."""
+        return self.draft or self.expires_at is not None
 
     def to_wire(self) -> dict:
-        """The protocol's memory object (never an embedding)."""
+        """The protocol's memory object (never an embedding; a tombstone carries no text)."""
+        if self.deleted_at is not None:
+            # A deleted memory (say, a pasted secret) must not upload what it said: only the
+            # fields that identify it and order the delete travel.
+            return {"id": self.id, "content": "", "type": self.type, "summary": None, "tags": [],
+                    "namespace_id": self.namespace_id, "metadata": {}, "created_at": self.created_at,
+                    "updated_at": self.updated_at, "deleted_at": self.deleted_at,
+                    "vector_clock": self.vector_clock, "content_hash": content_hash(""),
+                    "encrypted": False}
+        metadata = self.metadata
+        if self.conflict_of is not None and metadata.get("conflict_of") != self.conflict_of:
+            metadata = dict(metadata, conflict_of=self.conflict_of)  # the mark other devices read
         wire = {
             "id": self.id, "content": self.content, "type": self.type, "summary": self.summary,
             "tags": list(self.tags), "namespace_id": self.namespace_id,
             "source_repo": self.source_repo, "source_file": self.source_file,
-            "session_id": self.session_id, "metadata": self.metadata,
+            "session_id": self.session_id, "metadata": metadata,
             "created_at": self.created_at, "updated_at": self.updated_at,
             "deleted_at": self.deleted_at, "vector_clock": self.vector_clock,
             "content_hash": self.content_hash, "encrypted": self.encrypted,
@@ -296,7 +321,9 @@ class Memory:
             now = utc_now()
             created, updated = created or now, updated or now
         encrypted = bool(obj.get("encrypted", False))
-        return cls(
+        conflict_of = metadata.get("conflict_of")
+        modified_by = obj.get("last_modified_by")
+        memory = cls(
             id=mem_id, content=content, type=str(obj.get("type") or "fact"),
             summary=obj.get("summary"), tags=tags,
             namespace_id=str(obj.get("namespace_id") or "global"),
@@ -308,7 +335,17 @@ class Memory:
             vector_clock=_clock(obj.get("vector_clock")),
             content_hash=obj.get("content_hash") or ("" if encrypted else content_hash(content)),
             encrypted=encrypted,
+            conflict_of=conflict_of if isinstance(conflict_of, str) and conflict_of else None,
+            last_modified_by=modified_by if isinstance(modified_by, str) else None,
         )
+        if memory.deleted_at is not None:
+            memory.erase()  # another client's tombstone may still carry its text
+        return memory
+
+    def erase(self) -> None:
+        """Drop what a tombstone must not keep: the text and everything that describes it."""
+        self.content, self.summary, self.tags, self.metadata = "", None, [], {}
+        self.content_hash, self.encrypted = content_hash(""), False
 
 
 @dataclass
@@ -333,10 +370,13 @@ class Session:
 
     def to_wire(self) -> dict:
         """The protocol's session object (``repo`` travels as ``repo_path``)."""
+        metadata = self.metadata
+        if self.conflict_of is not None and metadata.get("conflict_of") != self.conflict_of:
+            metadata = dict(metadata, conflict_of=self.conflict_of)
         wire = {
             "id": self.id, "label": self.label, "tool": self.tool, "repo_path": self.repo,
             "started_at": self.started_at, "ended_at": self.ended_at, "summary": self.summary,
-            "metadata": self.metadata, "created_at": self.started_at,
+            "metadata": metadata, "created_at": self.started_at,
             "updated_at": self.updated_at, "deleted_at": self.deleted_at,
             "vector_clock": self.vector_clock, "content_hash": None,
         }
@@ -350,15 +390,18 @@ class Session:
         if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not obj["id"]:
             raise ValueError("session id must be a non-empty string")
         started = normalize_ts(obj.get("started_at")) or normalize_ts(obj.get("created_at")) or utc_now()
+        metadata = _json_obj(obj.get("metadata"), "metadata")
+        conflict_of = metadata.get("conflict_of")
         return cls(
             id=obj["id"], label=obj.get("label"), tool=str(obj.get("tool") or "contextfs"),
             repo=obj.get("repo_path"), started_at=started,
             ended_at=normalize_ts(obj.get("ended_at")), summary=obj.get("summary"),
-            metadata=_json_obj(obj.get("metadata"), "metadata"),
+            metadata=metadata,
             extra={k: obj[k] for k in _SESSION_WIRE_EXTRAS if obj.get(k) is not None},
             updated_at=normalize_ts(obj.get("updated_at")) or started,
             deleted_at=normalize_ts(obj.get("deleted_at")),
             vector_clock=_clock(obj.get("vector_clock")),
+            conflict_of=conflict_of if isinstance(conflict_of, str) and conflict_of else None,
         )
 
 
@@ -433,6 +476,15 @@ def memory_view(memory: Memory) -> dict:
     return view
 
 
+def conflict_view(copy: Any) -> dict:
+    """A conflict copy (of a memory or a session) as shown by ``--json``, with its ``kind``."""
+    if isinstance(copy, Session):
+        view = copy.to_wire()
+        view.update(kind="session", conflict_of=copy.conflict_of, dirty=copy.dirty)
+        return view
+    return dict(memory_view(copy), kind="memory")
+
+
 def _one_line(text: Optional[str], width: int = 72) -> str:
     flat = " ".join((text or "").split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
@@ -455,29 +507,46 @@ APPLY_SKIP = "skip"              # already have it (or newer and clean): nothing
 APPLY_KEEP_LOCAL = "keep_local"  # local dirty row dominates: it will be pushed
 APPLY_SETTLE = "settle"          # cloud holds our own write: adopt its clock, mark clean
 APPLY_CONFLICT = "conflict"      # cloud wins under the id; local kept as <id>_local
+APPLY_DELETE_UNDONE = "delete_undone"  # our delete lost to a concurrent edit: the edit is kept, reported
+APPLY_IGNORE = "ignore"          # not this account's row (an edge to memories we cannot see)
 
 
-def decide_incoming(local_clock: Optional[Clock], local_dirty: bool, same_version: bool,
-                    cloud_clock: Clock) -> str:
+def decide_incoming(local_clock: Optional[Clock], local_dirty: bool,
+                    same_version: Union[bool, Callable[[], bool]], cloud_clock: Clock) -> str:
     """The conflict rule: what to do with a cloud version given the local row's state.
 
-    ``same_version`` says the two carry the same content and fields (our own accepted write,
-    perhaps ticked by the server). Settle by clocks, not by push verdicts (design.md, Sync).
+    ``same_version`` says the two carry the same user data (our own accepted write, perhaps
+    ticked by the server); it may be a function, called only when the answer matters. Settle
+    by clocks, not by push verdicts (design.md, Sync). The rule, as a table:
+
+    =========  ==========  ==============  =====================================
+    local      clocks      same data?      verdict
+    =========  ==========  ==============  =====================================
+    none       -           -               insert
+    clean      equal       yes / no        skip / conflict (a counter re-used)
+    clean      local newer -               skip (an overlap re-read)
+    clean      cloud newer -               overwrite
+    clean      concurrent  yes / no        skip / conflict (never lose a version)
+    dirty      local newer -               keep_local (it is pushed next)
+    dirty      other       yes / no        settle / conflict
+    =========  ==========  ==============  =====================================
+
+    Equal clocks with different data are concurrent, not equal: a store rolled back by a
+    restore can re-mint a published clock (clock_tick guards that too). A conflict keeps the
+    cloud version under the id and the local one as ``<id>_local`` (plan_page adds the
+    delete-against-edit case on top of this table).
     """
     if local_clock is None:
         return APPLY_INSERT
     order = clock_compare(local_clock, cloud_clock)
-    if not local_dirty:
-        if order == "equal":
-            return APPLY_SKIP
-        if order == "after":
-            return APPLY_SKIP  # an overlap re-read of an older version: keep what we have
-        return APPLY_OVERWRITE  # before, or concurrent with a clean row: cloud wins, nothing lost
     if order == "after":
-        return APPLY_KEEP_LOCAL
-    if same_version or order == "equal":
-        return APPLY_SETTLE if same_version else APPLY_CONFLICT
-    return APPLY_CONFLICT
+        return APPLY_KEEP_LOCAL if local_dirty else APPLY_SKIP
+    if not local_dirty and order == "before":
+        return APPLY_OVERWRITE
+    same = same_version() if callable(same_version) else same_version
+    if local_dirty:
+        return APPLY_SETTLE if same else APPLY_CONFLICT
+    return APPLY_SKIP if same else APPLY_CONFLICT
 
 
 def conflict_copy_id(memory_id: str, taken: Callable[[str], bool]) -> str:
@@ -488,6 +557,136 @@ def conflict_copy_id(memory_id: str, taken: Callable[[str], bool]) -> str:
         candidate = f"{memory_id}_local_{n}"
         n += 1
     return candidate
+
+
+def same_version(kind: str, local: Any, cloud: Any) -> bool:
+    """True when two versions carry the same user data (clocks and timestamps aside)."""
+    if (local.deleted_at is None) != (cloud.deleted_at is None):
+        return False
+    if local.deleted_at is not None:
+        return True  # two tombstones: nothing left to tell apart
+    if kind == "memory":
+        return (local.content_hash == cloud.content_hash and local.type == cloud.type
+                and local.tags == cloud.tags and local.summary == cloud.summary
+                and local.metadata == cloud.metadata)
+    if kind == "session":
+        return (local.summary == cloud.summary and local.label == cloud.label
+                and local.ended_at == cloud.ended_at and local.metadata == cloud.metadata)
+    return local.weight == cloud.weight and local.metadata == cloud.metadata
+
+
+@dataclass
+class Op:
+    """One step of a sync plan: a row to send, or what to write locally for one pulled row.
+
+    ``op`` is "push" or one of the APPLY_* verdicts. ``row`` is the row to push, or the cloud
+    version to write; ``copy`` is a conflict's local version under its new ``<id>_local`` id.
+    """
+
+    op: str
+    kind: str
+    id: str
+    row: Any = None
+    copy: Any = None
+    deletes_live: bool = False   # writes a tombstone over a live local memory (mass-delete guard)
+
+    @property
+    def changes_local(self) -> bool:
+        """Whether applying this op writes anything to the store."""
+        return self.op not in (APPLY_SKIP, APPLY_KEEP_LOCAL, APPLY_IGNORE)
+
+    def to_dict(self) -> dict:
+        """The op as a dry-run plan entry."""
+        entry = {"op": self.op, "kind": self.kind, "id": self.id,
+                 "deleted": getattr(self.row, "deleted_at", None) is not None}
+        if self.copy is not None:
+            entry["local_copy"] = self.copy.id
+        return entry
+
+
+def plan_push(kind: str, rows: Iterable[Any], local_only_ids: Container[str] = frozenset()) -> List[Op]:
+    """The push ops for pushable rows: drafts and temporary memories never leave the device,
+    and an edge goes only when both of its ends can (``local_only_ids`` names the ones that
+    cannot), so no device ever receives a link to a memory it can never open."""
+    ops = []
+    for row in rows:
+        if kind == "memory" and row.local_only:
+            continue
+        if kind == "edge" and (row.from_id in local_only_ids or row.to_id in local_only_ids):
+            continue
+        ops.append(Op("push", kind, row.id, row))
+    return ops
+
+
+def plan_page(page: Dict[str, List[Any]], local_rows: Dict[str, Dict[str, Any]], taken_ids: Container[str],
+              device: str = "", drops_metadata: bool = False,
+              known_memory_ids: Optional[Container[str]] = None) -> List[Op]:
+    """The local writes for one pulled page (sessions, memories, then edges), over plain data.
+
+    ``local_rows`` holds the local version of every id in the page (by kind); ``taken_ids``
+    the memory and session ids already in the store, so that conflict copies are named against
+    the store AND this page (a page may bring another device's ``X_local`` with a conflicting
+    ``X``). ``drops_metadata`` says the server is known to store no metadata: its empty object
+    then never replaces ours, and neither does the empty echo of our own write (``device``).
+    Edges are kept only when both ends are memories of this account: ``known_memory_ids``
+    (the store's) or this page's; None accepts every edge.
+    """
+    ops: List[Op] = []
+    page_ids = {kind: {obj.id for obj in page.get(kind, ())} for kind in ("memory", "session")}
+    chosen: set = set()
+    for kind in ("session", "memory", "edge"):
+        locals_of_kind = local_rows.get(kind, {})
+
+        def taken(candidate: str, kind: str = kind) -> bool:
+            return candidate in chosen or candidate in page_ids.get(kind, ()) or candidate in taken_ids
+
+        for cloud in page.get(kind, ()):
+            if kind == "edge" and known_memory_ids is not None and not all(
+                    end in page_ids["memory"] or end in known_memory_ids for end in (cloud.from_id, cloud.to_id)):
+                ops.append(Op(APPLY_IGNORE, kind, cloud.id, cloud))
+                continue
+            local = locals_of_kind.get(cloud.id)
+            if local is not None and kind != "edge" and not cloud.metadata and local.metadata and (
+                    drops_metadata or getattr(cloud, "last_modified_by", None) == device):
+                # A server that drops metadata echoes {} for what we wrote: keep ours.
+                cloud.metadata = dict(local.metadata)
+                cloud.conflict_of = cloud.conflict_of or local.conflict_of
+            verdict = decide_incoming(local.vector_clock if local is not None else None,
+                                      bool(local is not None and local.dirty),
+                                      lambda: same_version(kind, local, cloud), cloud.vector_clock)
+            op = Op(verdict, kind, cloud.id, cloud)
+            if verdict == APPLY_CONFLICT and kind != "edge":
+                if local.deleted_at is not None and cloud.deleted_at is None:
+                    op.op = APPLY_DELETE_UNDONE  # our delete raced an edit: keep the edit, say so
+                elif local.deleted_at is None:
+                    copy_id = conflict_copy_id(cloud.id, taken)
+                    chosen.add(copy_id)
+                    op.copy = _conflict_copy(local, copy_id, cloud.id, device)
+            if kind == "memory" and cloud.deleted_at is not None and local is not None \
+                    and local.deleted_at is None and op.changes_local and verdict != APPLY_SETTLE:
+                op.deletes_live = True
+            ops.append(op)
+    return ops
+
+
+def _conflict_copy(local: Any, copy_id: str, original_id: str, device: str) -> Any:
+    """The local version of a conflicting row, kept under ``copy_id`` and marked as a copy."""
+    import copy as _copy
+
+    kept = _copy.copy(local)
+    kept.id, kept.conflict_of = copy_id, original_id
+    kept.metadata = dict(local.metadata, conflict_of=original_id)
+    kept.vector_clock = clock_tick({}, device) if device else {}
+    return kept
+
+
+MASS_DELETE_MIN = 50         # a sync deleting more than this many memories …
+MASS_DELETE_FRACTION = 0.25  # … and more than this share of them stops unless --force
+
+
+def is_mass_delete(deletions: int, total: int) -> bool:
+    """True when ``deletions`` of ``total`` memories is too many to apply without --force."""
+    return deletions > MASS_DELETE_MIN and deletions > MASS_DELETE_FRACTION * max(total, 1)
 
 
 def batches(items: Iterable[dict], max_count: int, max_bytes: int) -> Iterator[List[dict]]:
@@ -635,18 +834,34 @@ class Config:
         return self.get("index", "embedder", "default")
 
 
-def _toml_line_of(text: str, table: str, key: str) -> int:
-    """Line number (1-based) of ``key`` inside ``[table]`` in TOML text, or 0."""
-    current = ""
+_TOML_KEY = r'(?:"[^"]*"|\'[^\']*\'|[A-Za-z0-9_-]+)'
+
+
+def _toml_key_parts(dotted: str) -> List[str]:
+    return [part.strip().strip('"\'') for part in re.findall(rf"{_TOML_KEY}", dotted)]
+
+
+def _toml_position(text: str, table: str, key: str) -> Tuple[int, int]:
+    """(line, column), 1-based, where ``table.key`` (or the root ``key`` when ``table`` is "")
+    is set in TOML text: under a ``[table]`` header (comments and quotes allowed), as a dotted
+    key (``table.key = …``) or inside an inline table (``table = {key = …}``). (0, 0) if not found."""
+    target = [table, key] if table else [key]
+    current: List[str] = []
     for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        header = re.match(r"\[\s*([^\[\]]+?)\s*\]$", stripped)
+        header = re.match(rf"\s*\[\s*({_TOML_KEY}(?:\s*\.\s*{_TOML_KEY})*)\s*\]\s*(?:#.*)?$", line)
         if header:
-            current = header.group(1).strip().strip('"')
+            current = _toml_key_parts(header.group(1))
             continue
-        if current == table and re.match(rf'["\']?{re.escape(key)}["\']?\s*=', stripped):
-            return number
-    return 0
+        assignment = re.match(rf"\s*({_TOML_KEY}(?:\s*\.\s*{_TOML_KEY})*)\s*=", line)
+        if not assignment:
+            continue
+        path = current + _toml_key_parts(assignment.group(1))
+        if path == target:
+            return number, assignment.start(1) + 1
+        if path == target[:-1]:  # an inline table: find the key inside it
+            inner = re.search(rf"[{{,]\s*([\"']?{re.escape(key)}[\"']?)\s*=", line[assignment.end():])
+            return number, (assignment.end() + inner.start(1) + 1) if inner else assignment.start(1) + 1
+    return 0, 0
 
 
 def load_config(home: Optional[Path] = None) -> Config:
@@ -675,17 +890,17 @@ def load_config(home: Optional[Path] = None) -> Config:
         if section is None:
             continue
         if not isinstance(section, dict):
-            line = _toml_line_of(text, "", table)
-            raise ConfigError(f"{cfg.path}:{line}: '{table}' must be a table like [{table}]")
+            line, column = _toml_position(text, "", table)
+            raise ConfigError(f"{cfg.path}:{line}:{column}: '{table}' must be a table like [{table}]")
         if key in section and not isinstance(section[key], expected):
-            line = _toml_line_of(text, table, key)
+            line, column = _toml_position(text, table, key)
             raise ConfigError(
-                f"{cfg.path}:{line}: {table}.{key} must be a {_toml_type_name(expected)}, "
+                f"{cfg.path}:{line}:{column}: {table}.{key} must be a {_toml_type_name(expected)}, "
                 f"got {section[key]!r}; fix the file (it was not changed)")
     embedder = data.get("index", {}).get("embedder")
     if embedder is not None and embedder not in EMBEDDERS:
-        line = _toml_line_of(text, "index", "embedder")
-        raise ConfigError(f"{cfg.path}:{line}: index.embedder must be one of "
+        line, column = _toml_position(text, "index", "embedder")
+        raise ConfigError(f"{cfg.path}:{line}:{column}: index.embedder must be one of "
                           f"{', '.join(EMBEDDERS)}, got {embedder!r}")
     cfg.data = data
     return cfg
@@ -955,6 +1170,14 @@ def _from_rows(cls: type, rows: List[sqlite3.Row], columns: Tuple[str, ...]) -> 
     return objs
 
 
+# Rows that may leave the device: drafts and temporary memories never do (conflict copies do,
+# as backups). Edges to a draft or temporary memory wait: see plan_push.
+_PUSHABLE = {
+    "memory": "draft = 0 AND expires_at IS NULL",
+    "session": "1 = 1",
+    "edge": "1 = 1",
+}
+
 _KINDS = {
     "memory": ("memories", Memory, _MEMORY_COLUMNS),
     "session": ("sessions", Session, _SESSION_COLUMNS),
@@ -1101,6 +1324,10 @@ class Store:
             f"ON CONFLICT(id) DO UPDATE SET {assignments}", values)
 
     def _local_write(self, kind: str, obj: Any) -> None:
+        if kind == "memory" and obj.deleted_at is not None:
+            # The text goes from this device as it goes from the server (to_wire): a deleted
+            # memory, say a pasted secret, is kept nowhere in its tombstone.
+            obj.erase()
         obj.vector_clock = clock_tick(obj.vector_clock, self.device_id)
         obj.updated_at = utc_now()
         self._write(kind, obj, dirty=True)
@@ -1192,7 +1419,9 @@ class Store:
                 memory.draft = False
                 memory.expires_at = None
             # Editing a conflict copy is one way of resolving it: it becomes a normal memory.
-            memory.conflict_of = None
+            if memory.conflict_of is not None:
+                memory.conflict_of = None
+                memory.metadata = {k: v for k, v in memory.metadata.items() if k != "conflict_of"}
             self._local_write("memory", memory)
         self._notify("upsert", [memory.id])
         return memory
@@ -1203,6 +1432,8 @@ class Store:
             memory = self._get("memory", self.resolve_id(memory_id))
             if memory is None or memory.deleted_at:
                 raise NotFound(f"No memory with id {memory_id!r} (see: contextfs list)")
+            # The text goes from this device as it goes from the server (to_wire): a deleted
+            # memory, say a pasted secret, is not kept anywhere in the tombstone.
             memory.deleted_at = utc_now()
             self._local_write("memory", memory)
         self._notify("delete", [memory.id])
@@ -1272,11 +1503,14 @@ class Store:
         """Remove expired temporary memories (they never left this device)."""
         now = utc_now()
         with self._lock:
-            ids = [r[0] for r in self.conn.execute(
-                "SELECT id FROM memories WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))]
-            if ids:
-                with self.transaction():
-                    self.conn.executemany("DELETE FROM memories WHERE id = ?", [(i,) for i in ids])
+            if self.conn.execute("SELECT 1 FROM memories WHERE expires_at IS NOT NULL AND expires_at <= ? "
+                                 "LIMIT 1", (now,)).fetchone() is None:
+                return 0  # the common case: no write transaction at all
+            with self.transaction():
+                # Decide and delete in one statement, under the write lock: a memory published
+                # (expires_at cleared) a moment ago is no longer expired and stays.
+                ids = [r[0] for r in self.conn.execute(
+                    "DELETE FROM memories WHERE expires_at IS NOT NULL AND expires_at <= ? RETURNING id", (now,))]
         if ids:
             self._notify("delete", ids)
         return len(ids)
@@ -1289,59 +1523,216 @@ class Store:
                     "count(*) FILTER (WHERE deleted_at IS NULL AND draft = 1), "
                     "count(*) FILTER (WHERE deleted_at IS NULL AND expires_at IS NOT NULL), "
                     "count(*) FILTER (WHERE deleted_at IS NULL AND conflict_of IS NOT NULL), "
-                    "count(*) FILTER (WHERE dirty = 1 AND draft = 0 AND expires_at IS NULL "
-                    "AND conflict_of IS NULL) FROM memories").fetchone()
-            ses = q("SELECT count(*) FILTER (WHERE deleted_at IS NULL), count(*) FILTER (WHERE dirty = 1) "
-                    "FROM sessions").fetchone()
+                    "count(*) FILTER (WHERE dirty = 1 AND draft = 0 AND expires_at IS NULL) FROM memories").fetchone()
+            ses = q("SELECT count(*) FILTER (WHERE deleted_at IS NULL), count(*) FILTER (WHERE dirty = 1), "
+                    "count(*) FILTER (WHERE deleted_at IS NULL AND conflict_of IS NOT NULL) FROM sessions").fetchone()
             edg = q("SELECT count(*) FILTER (WHERE deleted_at IS NULL), count(*) FILTER (WHERE dirty = 1) "
                     "FROM edges").fetchone()
-        return {"memories": mem[0], "drafts": mem[1], "temporary": mem[2], "conflicts": mem[3],
+        return {"memories": mem[0], "drafts": mem[1], "temporary": mem[2], "conflicts": mem[3] + ses[2],
                 "sessions": ses[0], "edges": edg[0],
                 "pending_push": mem[4] + ses[1] + edg[1]}
 
     # -- conflict copies -------------------------------------------------------------------
 
-    def conflicts(self) -> List[Memory]:
-        """Unresolved conflict copies (``<id>_local``), newest first."""
-        return self.list(limit=10_000, conflicts_only=True)
+    def conflicts(self) -> List[Any]:
+        """Unresolved conflict copies (``<id>_local``) of memories, then of sessions, newest first."""
+        with self._lock:
+            sessions = _from_rows(Session, self.conn.execute(
+                "SELECT * FROM sessions WHERE conflict_of IS NOT NULL AND deleted_at IS NULL "
+                "ORDER BY updated_at DESC").fetchall(), _SESSION_COLUMNS)
+        return self.list(limit=10_000, conflicts_only=True) + sessions
 
-    def resolve_conflict(self, memory_id: str, keep: str) -> Memory:
+    def resolve_conflict(self, memory_id: str, keep: str) -> Any:
         """Resolve a conflict: keep 'cloud' (drop the copy) or 'local' (its text wins next push).
 
-        ``memory_id`` may be the original id or the copy's id. Keeping local makes the copy's
-        text a new version of the original whose clock dominates the cloud's, so it wins.
+        ``memory_id`` may be the original id or the copy's id, of a memory or a session.
+        Keeping local makes the copy's data a new version of the original whose clock dominates
+        the cloud's, so it wins. Copies are synced (backups), so dropping one is a tombstone:
+        resolving on one device resolves on every device.
         """
         if keep not in ("local", "cloud"):
             raise UsageError("--keep must be local or cloud")
         with self.transaction():
-            row = self._get("memory", memory_id)
-            if row is not None and row.conflict_of:
-                copies = [row]
-            else:
-                copies = _from_rows(Memory, self.conn.execute(
-                    "SELECT * FROM memories WHERE conflict_of = ? AND deleted_at IS NULL "
-                    "ORDER BY updated_at DESC", (memory_id,)).fetchall(), _MEMORY_COLUMNS)
+            kind, copies = "memory", []
+            for kind in ("memory", "session"):
+                table, cls, columns = _KINDS[kind]
+                row = self._get(kind, memory_id)
+                if row is not None and row.conflict_of and not row.deleted_at:
+                    copies = [row]
+                else:
+                    copies = _from_rows(cls, self.conn.execute(
+                        f"SELECT * FROM {table} WHERE conflict_of = ? AND deleted_at IS NULL "
+                        "ORDER BY updated_at DESC", (memory_id,)).fetchall(), columns)
+                if copies:
+                    break
             if not copies:
                 raise NotFound(f"No unresolved conflict for {memory_id!r} (see: contextfs cloud conflicts)")
             if keep == "local" and len(copies) > 1:
                 raise UsageError(f"{memory_id} has {len(copies)} conflict copies; resolve one copy id at a time: "
                                  + ", ".join(c.id for c in copies))
-            original = self._get("memory", copies[0].conflict_of)
+            original = self._get(kind, copies[0].conflict_of)
             if keep == "local":
                 copy = copies[0]
-                if original is None:
+                if original is None and kind == "memory":
                     original = Memory(id=copy.conflict_of, content=copy.content, created_at=copy.created_at)
-                for name in ("content", "type", "summary", "tags", "metadata", "source_repo",
-                             "source_file", "session_id", "content_hash"):
+                elif original is None:
+                    original = Session(id=copy.conflict_of, started_at=copy.started_at)
+                names = (("content", "type", "summary", "tags", "metadata", "source_repo", "source_file",
+                          "session_id", "content_hash") if kind == "memory"
+                         else ("label", "tool", "repo", "ended_at", "summary", "metadata"))
+                for name in names:
                     setattr(original, name, getattr(copy, name))
+                original.metadata = {k: v for k, v in original.metadata.items() if k != "conflict_of"}
                 original.deleted_at = None
-                self._local_write("memory", original)
-            # The copies never left this device, so they can simply go.
-            self.conn.executemany("DELETE FROM memories WHERE id = ?", [(c.id,) for c in copies])
-        self._notify("delete", [c.id for c in copies])
-        if keep == "local":
-            self._notify("upsert", [original.id])
+                self._local_write(kind, original)
+            for copy in copies:  # a tombstone, so that every device drops its copy too
+                copy.deleted_at = utc_now()
+                self._local_write(kind, copy)
+        if kind == "memory":
+            self._notify("delete", [c.id for c in copies])
+            if keep == "local":
+                self._notify("upsert", [original.id])
         return original if original is not None else copies[0]
+
+    # -- what the sync engine reads and writes (all of its SQL is here) ----------------------
+
+    def pushable_rows(self, kind: str, push_all: bool, after: int, limit: int) -> Tuple[List[Any], int]:
+        """A chunk of rows to push (dirty ones, or with push_all every syncable one) after a key,
+        and the key to continue from (keyset paging: memory use stays flat)."""
+        table, cls, columns = _KINDS[kind]
+        where = _PUSHABLE[kind]
+        if push_all:
+            order, key_sql = "rowid", "rowid > ?"
+        else:
+            where += " AND dirty = 1"
+            order, key_sql = "seq", "seq > ?"
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT rowid AS _rowid, * FROM {table} WHERE {where} AND {key_sql} "
+                f"ORDER BY {order} LIMIT ?", (after, limit)).fetchall()
+        if not rows:
+            return [], after
+        return _from_rows(cls, rows, columns), rows[-1]["_rowid"] if push_all else rows[-1]["seq"]
+
+    def local_only_ids(self, ids: Iterable[str]) -> set:
+        """Which of these memory ids are drafts or temporary (or not in the store at all)."""
+        ids = list(set(ids))
+        with self._lock:
+            ok = {r[0] for r in self.conn.execute(
+                f"SELECT id FROM memories WHERE id IN (SELECT value FROM json_each(?)) AND {_PUSHABLE['memory']}",
+                (_dumps(ids),))}
+        return set(ids) - ok
+
+    def pending_deletions(self) -> Tuple[int, int]:
+        """(memory deletions waiting to be pushed, memories the server would hold before them).
+
+        The whole store is counted only when there are enough deletions to matter."""
+        where = _PUSHABLE["memory"]
+        with self._lock:
+            deletions = self.conn.execute(
+                f"SELECT count(*) FROM memories WHERE dirty = 1 AND deleted_at IS NOT NULL AND {where}").fetchone()[0]
+            total = 0
+            if deletions > MASS_DELETE_MIN:
+                total = self.conn.execute(
+                    f"SELECT count(*) FROM memories WHERE {where} AND (deleted_at IS NULL OR dirty = 1)").fetchone()[0]
+        return deletions, total
+
+    def mark_pushed(self, kind: str, settled: Dict[str, Tuple[int, Optional[Clock]]]) -> None:
+        """Mark pushed rows clean (and take the server's clock when it sent one), but only rows
+        not rewritten since they were read: a write that raced the push stays dirty."""
+        if not settled:
+            return
+        table = _KINDS[kind][0]
+        with self.transaction():
+            self.conn.executemany(
+                f"UPDATE {table} SET dirty = 0, vector_clock = coalesce(?, vector_clock) "
+                f"WHERE id = ? AND seq = ? AND dirty = 1",
+                [(_dumps(clock) if clock else None, row_id, seq) for row_id, (seq, clock) in settled.items()])
+
+    def mark_dirty(self, kind: str, ids: Iterable[str]) -> int:
+        """Make clean syncable rows dirty again (the server lost them): they are pushed next."""
+        table = _KINDS[kind][0]
+        count = 0
+        with self.transaction():
+            for row_id in ids:
+                seq = self._next_seq()
+                count += self.conn.execute(
+                    f"UPDATE {table} SET dirty = 1, seq = ? WHERE id = ? AND dirty = 0 AND {_PUSHABLE[kind]}",
+                    (seq, row_id)).rowcount
+        return count
+
+    def local_versions(self, kind: str, ids: List[str]) -> Dict[str, Any]:
+        """The local rows for these ids (one query)."""
+        table, cls, columns = _KINDS[kind]
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT * FROM {table} WHERE id IN (SELECT value FROM json_each(?))", (_dumps(ids),)).fetchall()
+        return {r["id"]: obj for r, obj in zip(rows, _from_rows(cls, rows, columns))}
+
+    def ids(self, kind: str) -> "_StoreIds":
+        """A container answering ``id in store.ids(kind)`` with one indexed lookup per question."""
+        return _StoreIds(self, _KINDS[kind][0])
+
+    def live_memory_count(self) -> int:
+        """Live memories that are not conflict copies (the mass-delete guard's total)."""
+        with self._lock:
+            return self.conn.execute(
+                "SELECT count(*) FROM memories WHERE deleted_at IS NULL AND conflict_of IS NULL").fetchone()[0]
+
+    def manifest(self) -> List[Tuple[str, str, bool, bool]]:
+        """(id, content_hash, deleted, dirty) of every syncable memory (for /api/sync/diff)."""
+        with self._lock:
+            return [(r[0], r[1], r[2] is not None, bool(r[3])) for r in self.conn.execute(
+                f"SELECT id, content_hash, deleted_at, dirty FROM memories WHERE {_PUSHABLE['memory']}")]
+
+    def apply_page(self, ops: List[Op], cursor_key: Optional[str] = None,
+                   cursor: Optional[str] = None) -> Tuple[List[str], List[str]]:
+        """Apply one page's ops in ONE transaction together with its cursor (CouchDB-style
+        checkpoint: the cursor never runs ahead of what is committed). Returns the memory ids
+        written live and those written as tombstones (for the semantic index)."""
+        upserted: List[str] = []
+        deleted: List[str] = []
+        with self.transaction():
+            for kind in ("session", "memory", "edge"):
+                writes = []
+                for op in ops:
+                    if op.kind != kind or not op.changes_local:
+                        continue
+                    if op.copy is not None:  # the local version, kept under its new id: pushed next
+                        self._write(kind, op.copy, dirty=True)
+                        if kind == "memory":
+                            upserted.append(op.copy.id)
+                    op.row.dirty, op.row.seq = False, 0
+                    writes.append(op.row)
+                    if kind == "memory":
+                        (deleted if op.row.deleted_at else upserted).append(op.row.id)
+                if writes:
+                    self._write_many(kind, writes)
+            if cursor_key is not None and cursor is not None:
+                self.set_state(cursor_key, cursor)
+        return upserted, deleted
+
+    def _write_many(self, kind: str, objs: List[Any]) -> None:
+        table, _cls, columns = _KINDS[kind]
+        conn = self.conn
+        assignments = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "id")
+        upsert = f"ON CONFLICT(id) DO UPDATE SET {assignments}"
+        rows = [_to_row(o, columns) for o in objs]
+        if kind != "memory" or not self.fts:
+            conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+                             f"{upsert}", rows)
+            return
+        # The FTS triggers make every row its own statement journal, and SQLite (< 3.44) flushes
+        # FTS5's pending terms at each one: a page of 1,000 tiny index segments to merge, twice
+        # the work of the whole pull. Staged in an untyped temp table (values kept exactly as
+        # bound), the page goes in as ONE statement: one flush per page.
+        stage = "temp._pull_stage_memories"
+        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS _pull_stage_memories ({', '.join(columns)})")
+        conn.execute(f"DELETE FROM {stage}")
+        conn.executemany(f"INSERT INTO {stage} VALUES ({', '.join('?' * len(columns))})", rows)
+        conn.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM {stage} "
+                     f"WHERE true ORDER BY rowid {upsert}")  # WHERE: the upsert needs it after a SELECT
+        conn.execute(f"DELETE FROM {stage}")
 
     # -- edges -----------------------------------------------------------------------------
 
@@ -1469,6 +1860,17 @@ class _Transaction:
                     conn.execute("ROLLBACK")
         finally:
             self.store._lock.release()
+
+
+class _StoreIds:
+    """``id in ids`` for one table: an indexed lookup per question, nothing loaded up front."""
+
+    def __init__(self, store: Store, table: str):
+        self.store, self.table = store, table
+
+    def __contains__(self, row_id: object) -> bool:
+        with self.store._lock:
+            return self.store.conn.execute(f"SELECT 1 FROM {self.table} WHERE id = ?", (row_id,)).fetchone() is not None
 
 
 def _split_sql(script: str, triggers: bool = False) -> List[str]:
@@ -2360,13 +2762,14 @@ class CloudClient:
         if status == 401:
             return AuthError(f"The server rejected the API key ({detail}). Run: contextfs cloud login")
         if status == 403:
-            return ServerError(f"Forbidden by {self.server_url}: {detail}")
-        if status == 404:
-            return ServerError(f"{self.server_url}{path} not found ({detail}); is the server URL right?")
-        if status == 413:
-            return ServerError(f"The server refused a request as too large ({detail}); "
-                               f"try again with a smaller batch")
-        return ServerError(f"The server refused the request (HTTP {status}): {detail}")
+            message = f"Forbidden by {self.server_url}: {detail}"
+        elif status == 404:
+            message = f"{self.server_url}{path} not found ({detail}); is the server URL right?"
+        elif status == 413:
+            message = f"The server refused a request as too large ({detail}); try again with a smaller batch"
+        else:
+            message = f"The server refused the request (HTTP {status}): {detail}"
+        return ServerError(message, status=status, detail=detail)
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -2418,17 +2821,20 @@ class CloudClient:
         return self.request("POST", "/api/sync/push", raw_body=body)
 
     def pull(self, device: str, cursor: Optional[str], since: Optional[str], limit: int,
-             offset: int = 0, exclude_own: Optional[Tuple[int, int]] = None) -> dict:
+             offset: int = 0, exclude_own: Optional[Tuple[int, int]] = None, peek: bool = False) -> dict:
         """POST /api/sync/pull (``cursor`` is our server's extension; anchors ignore it).
 
         ``exclude_own`` = (first, last) server seq of this device's pushes in this sync (also
         our extension): the server leaves out the rows we wrote in that range, which we already
-        hold exactly as stored, instead of sending them straight back.
+        hold exactly as stored, instead of sending them straight back. ``peek`` (our extension,
+        for --dry-run) asks the server to change no device state.
         """
         body = {"device_id": device, "since_timestamp": since, "namespace_ids": None,
                 "backend_type": None, "limit": limit, "offset": offset, "cursor": cursor}
         if exclude_own is not None:
             body["exclude_own_seqs"] = list(exclude_own)
+        if peek:
+            body["peek"] = True
         return self.request("POST", "/api/sync/pull", body)
 
     def diff(self, device: str, memories: List[dict], sessions: List[dict], edges: List[dict]) -> dict:
@@ -2454,6 +2860,8 @@ class SyncReport:
     pulled: Dict[str, int] = field(default_factory=lambda: {"memories": 0, "sessions": 0, "edges": 0})
     rejected: int = 0
     conflicts: List[Tuple[str, str]] = field(default_factory=list)  # (id, local copy id)
+    deletes_undone: List[str] = field(default_factory=list)  # our deletes that lost to an edit elsewhere
+    refused: Dict[str, str] = field(default_factory=dict)    # id -> why the server refused it
     plan: List[dict] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
     duration_ms: int = 0
@@ -2464,6 +2872,12 @@ class SyncReport:
         if self.conflicts:
             copies = ", ".join(copy for _id, copy in self.conflicts)
             text += f", {len(self.conflicts)} conflict{'s' if len(self.conflicts) != 1 else ''} kept as {copies}"
+        if self.deletes_undone:
+            text += (f", {len(self.deletes_undone)} delete{'s' if len(self.deletes_undone) != 1 else ''} undone by "
+                     f"a newer edit on another device ({', '.join(self.deletes_undone)}; delete again to remove)")
+        if self.refused:
+            text += (f", {len(self.refused)} refused by the server and left pending: "
+                     + "; ".join(f"{i} ({why})" for i, why in list(self.refused.items())[:5]))
         return ("dry run: would have " + text) if self.dry_run else text
 
     def to_dict(self) -> dict:
@@ -2471,6 +2885,7 @@ class SyncReport:
         return {"direction": self.direction, "dry_run": self.dry_run, "pushed": dict(self.pushed),
                 "pulled": dict(self.pulled), "rejected": self.rejected,
                 "conflicts": [{"id": i, "local_copy": c} for i, c in self.conflicts],
+                "deletes_undone": list(self.deletes_undone), "refused": dict(self.refused),
                 "plan": self.plan, "warnings": self.warnings, "duration_ms": self.duration_ms,
                 "summary": self.summary()}
 
@@ -2488,9 +2903,8 @@ PUSH_BATCH_BYTES = 2 * 1024 * 1024
 PULL_PAGE_SIZE = 1000
 PULL_OVERLAP_SECONDS = 600   # re-read window for timestamp-cursor (anchor) servers
 PULL_MAX_PAGES = 1_000_000   # a server whose paging never ends is an error, not a hang
+PULL_MAX_HELD_EDGES = 100_000  # edges waiting for an end memory later in the same pull
 LOCK_TIMEOUT_SECONDS = 30.0
-MASS_DELETE_MIN = 50         # a sync deleting more than this many memories …
-MASS_DELETE_FRACTION = 0.25  # … and more than this share of them stops unless --force
 PLAN_LIMIT = 1000            # dry-run plan entries listed (counts are always complete)
 
 
@@ -2535,38 +2949,13 @@ class SyncLock:
         self.handle.close()  # closing the file releases the lock
 
 
-def is_mass_delete(deletions: int, total: int) -> bool:
-    """True when ``deletions`` of ``total`` memories is too many to apply without --force."""
-    return deletions > MASS_DELETE_MIN and deletions > MASS_DELETE_FRACTION * max(total, 1)
-
-
 def _mass_delete_message(where: str, deletions: int, total: int) -> str:
     return (f"This sync would delete {deletions} of {total} memories {where} (more than "
             f"{int(MASS_DELETE_FRACTION * 100)}%); nothing more was changed. Check with: contextfs cloud sync "
             f"--dry-run, and if it is what you want, run: contextfs cloud sync --force")
 
 
-# Rows that may leave the device: drafts, temporary memories and conflict copies never do.
-_PUSHABLE = {
-    "memory": "draft = 0 AND expires_at IS NULL AND conflict_of IS NULL",
-    "session": "conflict_of IS NULL",
-    "edge": "1 = 1",
-}
 _WIRE_LISTS = {"memory": "memories", "session": "sessions", "edge": "edges"}
-
-
-def _same_version(kind: str, local: Any, cloud: Any) -> bool:
-    """True when two versions carry the same user data (clocks and timestamps aside)."""
-    if (local.deleted_at is None) != (cloud.deleted_at is None):
-        return False
-    if kind == "memory":
-        return (local.content_hash == cloud.content_hash and local.type == cloud.type
-                and local.tags == cloud.tags and local.summary == cloud.summary
-                and local.metadata == cloud.metadata)
-    if kind == "session":
-        return (local.summary == cloud.summary and local.label == cloud.label
-                and local.ended_at == cloud.ended_at and local.metadata == cloud.metadata)
-    return local.weight == cloud.weight and local.metadata == cloud.metadata
 
 
 def e2ee_key(cfg: Config) -> Optional[bytes]:
@@ -2584,7 +2973,13 @@ def e2ee_key(cfg: Config) -> Optional[bytes]:
 
 
 class SyncEngine:
-    """Plans and applies a sync between one Store and one CloudClient (design.md, Sync)."""
+    """Plans and applies a sync between one Store and one CloudClient (design.md, Sync).
+
+    Plan, then apply (Atuin): the pure planners of section 4 turn rows and pulled pages into
+    ops, and this class sends the push ops and has the store apply each page's ops in one
+    transaction with its cursor. A dry run plans the same way and sends nothing that changes
+    state anywhere (no register, pulls marked ``peek``, no diff).
+    """
 
     def __init__(self, store: Store, client: CloudClient, cfg: Config, key: Optional[bytes] = None,
                  progress: Optional[Callable[[str], None]] = None):
@@ -2602,6 +2997,9 @@ class SyncEngine:
         # asks the server to leave them out instead of sending them straight back. Only a push
         # in this same run sets it, so a store without a cursor (lost sync.db) still gets all.
         self._own_seqs: Optional[Tuple[int, int]] = None
+        self._anchor_keys: Optional[List[bytes]] = None
+        self._keys_lock = threading.Lock()
+        self._damaged = 0  # pulled memories whose content did not match their hash
 
     def run(self, direction: str = "both", push_all: bool = False, force: bool = False,
             dry_run: bool = False) -> SyncReport:
@@ -2613,45 +3011,41 @@ class SyncEngine:
         if direction in ("push", "both"):
             self.push(report, push_all=push_all, force=force, dry_run=dry_run)
         if direction in ("pull", "both"):
-            self.pull(report, dry_run=dry_run, force=force)
+            repush = self.pull(report, dry_run=dry_run, force=force)
+            if repush and direction == "both" and not dry_run:
+                self.push(report, force=force)  # what the server turned out to be missing
+        if self._damaged:
+            report.warnings.append(f"{self._damaged} pulled memor{'y' if self._damaged == 1 else 'ies'} did not match "
+                                   f"{'its' if self._damaged == 1 else 'their'} content hash (damaged on the server or "
+                                   f"on the way); the local copies were kept")
+        if not dry_run:
+            self.store.set_state(f"refused|{self.scope}", _dumps(report.refused) if report.refused else None)
         return report
 
     def _register(self) -> None:
         key = f"registered|{self.scope}"
         if self.store.state(key) == self.store.device_id:
             return
-        import platform
-        import socket
-
-        self.client.register(self.store.device_id, socket.gethostname() or "device",
-                             platform.system().lower())
+        register_device(self.client, self.store.device_id)
         self.store.set_state(key, self.store.device_id)
 
     # -- push --------------------------------------------------------------------------------
 
-    def _scan(self, kind: str, push_all: bool) -> Iterator[Any]:
-        """Pushable rows in bounded chunks (keyset paging: memory use stays flat)."""
-        table, cls, columns = _KINDS[kind]
-        where = _PUSHABLE[kind]
-        if push_all:
-            order, key_sql = "rowid", "rowid > ?"
-        else:
-            where += " AND dirty = 1"
-            order, key_sql = "seq", "seq > ?"
+    def push_ops(self, kind: str, push_all: bool = False) -> Iterator[Op]:
+        """The push plan for one kind, chunk by chunk (memory use stays flat)."""
         after = -1
         while True:
-            with self.store._lock:
-                rows = self.store.conn.execute(
-                    f"SELECT rowid AS _rowid, * FROM {table} WHERE {where} AND {key_sql} "
-                    f"ORDER BY {order} LIMIT ?", (after, PUSH_BATCH_ITEMS)).fetchall()
+            rows, after = self.store.pushable_rows(kind, push_all, after, PUSH_BATCH_ITEMS)
             if not rows:
                 return
-            yield from _from_rows(cls, rows, columns)
-            after = rows[-1]["_rowid"] if push_all else rows[-1]["seq"]
+            held: Container[str] = frozenset()
+            if kind == "edge":
+                held = self.store.local_only_ids([e.from_id for e in rows] + [e.to_id for e in rows])
+            yield from plan_push(kind, rows, held)
 
     def _wire(self, kind: str, obj: Any) -> dict:
         wire = obj.to_wire()
-        if kind == "memory" and self.key is not None and obj.content:
+        if kind == "memory" and self.key is not None and wire["content"]:
             wire["content"] = encrypt_content(self.key, obj.content)
             wire["encrypted"] = True  # content_hash stays the plaintext's (protocol.md §9)
         return wire
@@ -2659,27 +3053,17 @@ class SyncEngine:
     def push(self, report: SyncReport, push_all: bool = False, force: bool = False,
              dry_run: bool = False) -> None:
         """Send dirty (or, with push_all, all) syncable rows in bounded batches."""
-        plural = _WIRE_LISTS
-        where = _PUSHABLE["memory"]
-        # Dirty deletions are found through the dirty index; the whole store is counted only
-        # when there are enough of them to matter (no table scan on an ordinary sync).
-        deletions = self.store.conn.execute(
-            f"SELECT count(*) FROM memories WHERE dirty = 1 AND deleted_at IS NOT NULL AND {where}").fetchone()[0]
-        total = 0
-        if deletions > MASS_DELETE_MIN:
-            total = self.store.conn.execute(
-                f"SELECT count(*) FROM memories WHERE {where} AND (deleted_at IS NULL OR dirty = 1)").fetchone()[0]
+        deletions, total = self.store.pending_deletions()
         if is_mass_delete(deletions, total) and not force:
             if not dry_run:
                 raise MassDeleteError(_mass_delete_message("on the server", deletions, total))
             report.warnings.append(_mass_delete_message("on the server", deletions, total))
         if dry_run:
             for kind in ("session", "memory", "edge"):
-                for obj in self._scan(kind, push_all):
-                    report.pushed[plural[kind]] += 1
+                for op in self.push_ops(kind, push_all):
+                    report.pushed[_WIRE_LISTS[kind]] += 1
                     if len(report.plan) < PLAN_LIMIT:
-                        report.plan.append({"op": "push", "kind": kind, "id": obj.id,
-                                            "deleted": obj.deleted_at is not None})
+                        report.plan.append(op.to_dict())
             return
         self._push_batches(report, self._push_batches_of(push_all), force)
         self.store.set_state("last_push_at", utc_now())
@@ -2689,7 +3073,8 @@ class SyncEngine:
         arrives before its ends. Each item is encoded once: its size bounds the batch and its
         bytes go in the body."""
         for kind in ("session", "memory", "edge"):
-            encoded = (((obj.id, obj.seq), wire_json(self._wire(kind, obj))) for obj in self._scan(kind, push_all))
+            encoded = (((op.id, op.row.seq), wire_json(self._wire(kind, op.row)))
+                       for op in self.push_ops(kind, push_all))
             for batch in encoded_batches(encoded, PUSH_BATCH_ITEMS, PUSH_BATCH_BYTES):
                 yield kind, batch
 
@@ -2701,17 +3086,31 @@ class SyncEngine:
         settles batch k-1 and reads and encodes batch k+1: on two cores a large push costs about
         the larger of the two sides instead of their sum. Requests stay strictly in order, and
         a failed request stops the push exactly where a sequential one would (later batches are
-        never sent; earlier ones are settled).
+        never sent; earlier ones are settled). A batch the server refuses for what one item
+        holds (HTTP 413/422) is split until that item is found: it is named, left pending, and
+        the rest goes on (one refused row never blocks the others).
         """
-        plural = _WIRE_LISTS
         device = self.store.device_id
+
+        def send(kind: str, batch: List[Tuple[Tuple[str, int], bytes]]) -> dict:
+            return self.client.push_encoded(device, _WIRE_LISTS[kind], [data for _key, data in batch], force)
 
         def settle(kind: str, batch: List[Tuple[Tuple[str, int], bytes]], response: dict) -> None:
             accepted = self._settle_push(kind, dict(key for key, _data in batch), response)
             self._note_own_seqs(response)
-            report.pushed[plural[kind]] += accepted
+            report.pushed[_WIRE_LISTS[kind]] += accepted
             report.rejected += len(batch) - accepted
             self.progress(f"pushed {sum(report.pushed.values())}")
+
+        def outcome(kind: str, batch: List[Tuple[Tuple[str, int], bytes]], future: Any) -> None:
+            try:
+                response = future.result()
+            except ServerError as exc:
+                if exc.status not in (413, 422):
+                    raise
+                self._push_split(kind, batch, exc, send, settle, report)
+                return
+            settle(kind, batch, response)
 
         first = next(batches, None)
         if first is None:
@@ -2721,17 +3120,40 @@ class SyncEngine:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contextfs-push")
         try:
             kind, batch = first
-            inflight = pool.submit(self.client.push_encoded, device, plural[kind],
-                                   [data for _key, data in batch], force)
+            inflight = pool.submit(send, kind, batch)
             for next_kind, next_batch in batches:   # batch k+1 is encoded while k is in flight
-                response = inflight.result()
-                inflight = pool.submit(self.client.push_encoded, device, plural[next_kind],
-                                       [data for _key, data in next_batch], force)
-                settle(kind, batch, response)       # … and k settles while k+1 is in flight
+                done = inflight
+                try:
+                    done.result()
+                except ServerError:
+                    pass  # outcome() below decides: split a refused batch, or stop
+                else:
+                    inflight = pool.submit(send, next_kind, next_batch)
+                outcome(kind, batch, done)          # … and k settles while k+1 is in flight
+                if inflight is done:
+                    inflight = pool.submit(send, next_kind, next_batch)
                 kind, batch = next_kind, next_batch
-            settle(kind, batch, inflight.result())
+            outcome(kind, batch, inflight)
         finally:
             pool.shutdown(wait=True)
+
+    def _push_split(self, kind: str, batch: List[Tuple[Tuple[str, int], bytes]], exc: "ServerError",
+                    send: Callable[..., dict], settle: Callable[..., None], report: SyncReport) -> None:
+        """Find the item(s) of a refused batch by halving it; push the rest."""
+        if len(batch) == 1:
+            (row_id, _seq), _data = batch[0]
+            report.refused[row_id] = exc.detail or exc.message
+            return
+        middle = len(batch) // 2
+        for half in (batch[:middle], batch[middle:]):
+            try:
+                response = send(kind, half)
+            except ServerError as inner:
+                if inner.status not in (413, 422):
+                    raise
+                self._push_split(kind, half, inner, send, settle, report)
+            else:
+                settle(kind, half, response)
 
     def _note_own_seqs(self, response: dict) -> None:
         """Widen the server seq range our pushes in this sync were stored at (reference server)."""
@@ -2745,32 +3167,29 @@ class SyncEngine:
     def _settle_push(self, kind: str, seqs: Dict[str, int], response: dict) -> int:
         """Mark accepted rows clean (only if not rewritten meanwhile); return how many were accepted."""
         results = response.get("results")
-        clocks: Dict[str, Optional[Clock]] = {}
+        settled: Dict[str, Tuple[int, Optional[Clock]]] = {}
         if isinstance(results, list):  # our reference server's per-item verdicts
             for item in results:
                 if (isinstance(item, dict) and item.get("status") == "accepted"
                         and item.get("entity_type") == kind and item.get("id") in seqs):
                     clock = item.get("vector_clock")
-                    clocks[item["id"]] = clock if isinstance(clock, dict) else None
+                    settled[item["id"]] = (seqs[item["id"]], clock if isinstance(clock, dict) else None)
         else:
             # An anchor server reports stale rejections only as counts: if anything in the batch
             # was not accepted we cannot tell which, so all stay dirty and the pull settles them.
             conflicts = response.get("conflicts") or []
             if not response.get("rejected") and not conflicts:
-                clocks = {row_id: None for row_id in seqs}
-        if clocks:
-            table = _KINDS[kind][0]
-            with self.store.transaction():
-                self.store.conn.executemany(
-                    f"UPDATE {table} SET dirty = 0, vector_clock = coalesce(?, vector_clock) "
-                    f"WHERE id = ? AND seq = ? AND dirty = 1",
-                    [(_dumps(clock) if clock else None, row_id, seqs[row_id]) for row_id, clock in clocks.items()])
-        return len(clocks)
+                settled = {row_id: (seq, None) for row_id, seq in seqs.items()}
+        self.store.mark_pushed(kind, settled)
+        return len(settled)
 
     # -- pull --------------------------------------------------------------------------------
 
-    def pull(self, report: SyncReport, dry_run: bool = False, force: bool = False) -> None:
-        """Fetch cloud changes page by page; each page commits together with its cursor."""
+    def pull(self, report: SyncReport, dry_run: bool = False, force: bool = False) -> bool:
+        """Fetch cloud changes page by page; each page commits together with its cursor.
+
+        Returns True when rows were found missing on the server and marked for the next push.
+        """
         self._deletions = 0
         # The mass-delete guard compares deletions with the live count before this pull. That
         # count scans the table, so it is taken only once more than MASS_DELETE_MIN deletions
@@ -2779,16 +3198,20 @@ class SyncEngine:
         self._force = force
         self._live_before: Optional[int] = None
         self._live_delta = 0
+        self._held_edges: List[Any] = []
         cursor_key, since_key = f"pull_cursor|{self.scope}", f"pull_since|{self.scope}"
+        storage_key = f"storage_id|{self.scope}"
         cursor = self.store.state(cursor_key)
         since = self.store.state(since_key)
         if since:  # timestamp cursors (anchor servers) re-read an overlap window; applying is idempotent
             since = format_ts(parse_ts(since) - timedelta(seconds=PULL_OVERLAP_SECONDS))
         offset, first_timestamp = 0, None
+        restored = False
+        timestamp_server = False
 
         def fetch(cursor: Optional[str], offset: int) -> Tuple[dict, Dict[str, List[Any]]]:
             response = self.client.pull(self.store.device_id, cursor, since, PULL_PAGE_SIZE, offset,
-                                        exclude_own=self._own_seqs)
+                                        exclude_own=self._own_seqs, peek=dry_run)
             return response, self._parse_page(response)
 
         # Page k+1 is fetched and decoded by a worker thread while this one applies page k (the
@@ -2798,13 +3221,25 @@ class SyncEngine:
         pool: Any = None
         prefetched: Any = None
         try:
-            for _page in range(PULL_MAX_PAGES):
+            for page_number in range(PULL_MAX_PAGES):
                 response, page = prefetched.result() if prefetched is not None else fetch(cursor, offset)
                 prefetched = None
+                if page_number == 0 and not restored and self._server_went_back(response, cursor, storage_key):
+                    # The server lost rows since we last pulled (restored from an older copy, or a
+                    # new database): start again from nothing, as a first sync would.
+                    restored = True
+                    report.warnings.append(
+                        f"The server {self.client.server_url} was restored from an older copy or reset; "
+                        f"pulling everything again and re-uploading what it is missing")
+                    cursor, since, offset, self._own_seqs = None, None, 0, None
+                    response, page = fetch(cursor, offset)
+                if page_number == 0 and not dry_run and isinstance(response.get("storage_id"), str):
+                    self.store.set_state(storage_key, response["storage_id"])
                 first_timestamp = first_timestamp or response.get("server_timestamp")
                 next_cursor = response.get("next_cursor")
                 if next_cursor is not None and not isinstance(next_cursor, str):
                     next_cursor = str(next_cursor)
+                timestamp_server = timestamp_server or next_cursor is None
                 page_cursor = next_cursor  # stored with this page (None from anchor servers)
                 more, problem = bool(response.get("has_more")), None
                 next_offset = 0
@@ -2823,11 +3258,7 @@ class SyncEngine:
 
                         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contextfs-pull")
                     prefetched = pool.submit(fetch, next_cursor, next_offset)
-                upserted, deleted = self._apply_page(page, report, dry_run, cursor_key, page_cursor)
-                if not dry_run and (upserted or deleted):
-                    warning = index_after_pull(self.store, self.cfg, upserted, deleted)
-                    if warning and warning not in report.warnings:
-                        report.warnings.append(warning)
+                self._apply(page, report, dry_run, cursor_key, page_cursor)
                 self.progress(f"pulled {sum(report.pulled.values())}")
                 if not more:
                     break
@@ -2839,6 +3270,14 @@ class SyncEngine:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
+        if self._held_edges:  # edges whose ends came in a later page of this pull
+            held, self._held_edges = self._held_edges, []
+            self._apply({"memory": [], "session": [], "edge": held}, report, dry_run, None, None, hold=False)
+        repush = False
+        if (timestamp_server or restored) and not dry_run:
+            # A timestamp cursor misses rows pushed late with an old updated_at (protocol.md §8 b):
+            # reconcile by content with the diff endpoint, as the public client's own sync does.
+            repush = self._reconcile(report)
         if dry_run and self._deletions > MASS_DELETE_MIN:
             live_total = self._live_total()
             if is_mass_delete(self._deletions, live_total):
@@ -2847,6 +3286,94 @@ class SyncEngine:
             if first_timestamp:
                 self.store.set_state(since_key, normalize_ts(first_timestamp))
             self.store.set_state("last_pull_at", utc_now())
+        return repush
+
+    def _server_went_back(self, response: dict, cursor: Optional[str], storage_key: str) -> bool:
+        """True when the server is not the one our cursor came from: another storage id, or a
+        highest seq below our cursor (both are our server's extensions; others send neither)."""
+        storage_id, top = response.get("storage_id"), response.get("top_seq")
+        known = self.store.state(storage_key)
+        if isinstance(storage_id, str) and known and storage_id != known:
+            return True
+        if cursor and isinstance(top, int) and not isinstance(top, bool) and cursor.isdigit():
+            return int(cursor) > top
+        return False
+
+    def _apply(self, page: Dict[str, List[Any]], report: SyncReport, dry_run: bool,
+               cursor_key: Optional[str], cursor: Optional[str], hold: bool = True) -> None:
+        """Plan one page against the store, check the mass-delete guard, apply it (or, in a dry
+        run, record the plan)."""
+        store = self.store
+        page = dict(page, memory=self._vet_memories(page.get("memory", [])))
+        local_rows = {kind: store.local_versions(kind, [obj.id for obj in objs]) if objs else {}
+                      for kind, objs in page.items()}
+        taken = _TakenIds(store)
+        ops = plan_page(page, local_rows, taken, device=store.device_id,
+                        drops_metadata=self._drops_metadata(), known_memory_ids=store.ids("memory"))
+        for op in ops:
+            if op.op == APPLY_IGNORE:
+                if hold and len(self._held_edges) < PULL_MAX_HELD_EDGES:
+                    self._held_edges.append(op.row)
+                continue
+            if not op.changes_local:
+                continue
+            if op.deletes_live:
+                self._deletions += 1
+            if op.op != APPLY_SETTLE:
+                report.pulled[_WIRE_LISTS[op.kind]] += 1
+            if op.copy is not None:
+                report.conflicts.append((op.id, op.copy.id))
+            if op.op == APPLY_DELETE_UNDONE:
+                report.deletes_undone.append(op.id)
+            if dry_run and len(report.plan) < PLAN_LIMIT:
+                report.plan.append(op.to_dict())
+        if dry_run:
+            return
+        if not self._force and self._deletions > MASS_DELETE_MIN and is_mass_delete(self._deletions,
+                                                                                    self._live_total()):
+            # Checked after counting the whole page (so the message gives the real number) and
+            # before writing any of it.
+            raise MassDeleteError(_mass_delete_message("on this device", self._deletions, self._live_total()))
+        memory_before = local_rows.get("memory", {})
+        self._live_delta += sum(
+            (op.row.deleted_at is None) - bool(memory_before.get(op.id) is not None
+                                               and memory_before[op.id].deleted_at is None
+                                               and memory_before[op.id].conflict_of is None)
+            for op in ops if op.kind == "memory" and op.changes_local)
+        upserted, deleted = store.apply_page(ops, cursor_key, cursor)
+        if upserted or deleted:
+            warning = index_after_pull(store, self.cfg, upserted, deleted)
+            if warning and warning not in report.warnings:
+                report.warnings.append(warning)
+
+    def _drops_metadata(self) -> bool:
+        """Whether this server is known to store no metadata (learned from its echoes)."""
+        return self.store.state(f"drops_metadata|{self.scope}") == "1"
+
+    def _reconcile(self, report: SyncReport) -> bool:
+        """Compare every syncable memory with the server by content hash (/api/sync/diff): pull
+        what the pages missed, and mark for upload what the server lacks. True if any was marked."""
+        manifest = self.store.manifest()
+        response = self.client.diff(self.store.device_id,
+                                    [{"id": i, "content_hash": h} for i, h, _deleted, _dirty in manifest], [], [])
+        page = self._parse_page({"memories": response.get("missing_memories") or [],
+                                 "sessions": [], "edges": response.get("missing_edges") or []})
+        if page["memory"] or page["edge"]:
+            self._apply(page, report, False, None, None, hold=False)
+        server_missing = response.get("server_missing_memory_ids") or []
+        live_clean = {i for i, _h, deleted, dirty in manifest if not deleted and not dirty}
+        lost = [i for i in server_missing if isinstance(i, str) and i in live_clean]
+        marked = self.store.mark_dirty("memory", lost) if lost else 0
+        if marked:
+            report.warnings.append(f"The server was missing {marked} memor{'y' if marked == 1 else 'ies'} "
+                                   f"this device had synced; uploading {'it' if marked == 1 else 'them'} again")
+        return marked > 0
+
+    def _live_total(self) -> int:
+        """Live memories before this pull: counted now, less what its applied pages changed."""
+        if self._live_before is None:
+            self._live_before = self.store.live_memory_count() - self._live_delta
+        return self._live_before
 
     def _parse_page(self, response: dict) -> Dict[str, List[Any]]:
         page: Dict[str, List[Any]] = {}
@@ -2858,133 +3385,105 @@ class SyncEngine:
                 page[kind] = [cls.from_wire(item) for item in items]
             except ValueError as exc:
                 raise ServerError(f"Invalid {kind} in the pull response ({exc}); nothing was applied") from None
-        for memory in page["memory"]:
-            if memory.encrypted:
-                self._decrypt(memory)
         return page
 
-    def _decrypt(self, memory: Memory) -> None:
-        if self.key is None:
-            _aesgcm()  # names the missing extra when cryptography is not installed
-            raise CryptoError(f"Memory {memory.id} is end-to-end encrypted and this device has no passphrase. "
-                              f"Run: contextfs cloud configure --e2ee (nothing was stored)", EXIT_NOT_CONFIGURED)
-        try:
-            plaintext = decrypt_content(self.key, memory.content)
-        except CryptoError:
-            raise CryptoError(f"Cannot decrypt memory {memory.id}: wrong E2EE passphrase on this device? "
-                              f"Run: contextfs cloud configure --e2ee (nothing was stored)") from None
-        memory.content = plaintext
-        memory.encrypted = False
-        memory.content_hash = content_hash(plaintext)
+    def _vet_memories(self, memories: List[Memory]) -> List[Memory]:
+        """The pulled memories that may be stored, decrypted; learns whether the server drops
+        metadata. Reads the store, so it runs on the applying thread, never on the prefetch
+        worker (one SQLite connection is not to be used from two threads at once)."""
+        readable = [memory for memory in memories if self._readable(memory)]
+        self._learn_metadata_drop(readable)
+        return readable
 
-    def _apply_page(self, page: Dict[str, List[Any]], report: SyncReport, dry_run: bool,
-                    cursor_key: str, next_cursor: Optional[str]) -> Tuple[List[str], List[str]]:
-        """Apply one page in one transaction (with its cursor); return memory ids changed."""
-        upserted: List[str] = []
-        deleted: List[str] = []
-        store = self.store
-        plural = _WIRE_LISTS
-        with store.transaction():
-            for kind in ("session", "memory", "edge"):
-                incoming = page[kind]
-                if not incoming:
-                    continue
-                table, cls, columns = _KINDS[kind]
-                # One query per page and kind for the local versions: flat cost per item.
-                ids = [obj.id for obj in incoming]
-                rows = store.conn.execute(
-                    f"SELECT * FROM {table} WHERE id IN (SELECT value FROM json_each(?))", (_dumps(ids),)).fetchall()
-                local_rows = {r["id"]: obj for r, obj in zip(rows, _from_rows(cls, rows, columns))}
-                live_before = {i: o.deleted_at is None and o.conflict_of is None
-                               for i, o in local_rows.items()} if kind == "memory" else {}
-                writes: List[Any] = []
-                for cloud in incoming:
-                    local = local_rows.get(cloud.id)
-                    verdict = decide_incoming(
-                        local.vector_clock if local else None, bool(local and local.dirty),
-                        # same_version only matters for a dirty local row: clean rows skip the compare
-                        local is not None and local.dirty and _same_version(kind, local, cloud),
-                        cloud.vector_clock)
-                    if verdict in (APPLY_SKIP, APPLY_KEEP_LOCAL):
-                        continue
-                    if dry_run:
-                        if kind == "memory" and cloud.deleted_at and local is not None and not local.deleted_at:
-                            self._deletions += 1
-                        if len(report.plan) < PLAN_LIMIT:
-                            report.plan.append({"op": verdict, "kind": kind, "id": cloud.id,
-                                                "deleted": cloud.deleted_at is not None})
-                        if verdict != APPLY_SETTLE:
-                            report.pulled[plural[kind]] += 1
-                        if verdict == APPLY_CONFLICT and kind != "edge" and not local.deleted_at:
-                            report.conflicts.append((cloud.id, f"{cloud.id}_local"))
-                        continue
-                    if verdict == APPLY_SETTLE:
-                        # Same data: take the cloud's row and clock as they are. A merged clock the
-                        # server never saw (concurrent equal writes, e.g. two deletes) would leave
-                        # this row clean but different from the server's for good.
-                        cloud.dirty, cloud.seq = False, 0
-                        writes.append(cloud)
-                        continue
-                    if verdict == APPLY_CONFLICT and kind != "edge" and not local.deleted_at:
-                        # Cloud wins under the id; the local version is kept as <id>_local, never pushed
-                        # until resolved. (Edges carry no user text: the cloud's weight simply wins.)
-                        copy_id = conflict_copy_id(cloud.id, lambda i: store._get(kind, i) is not None)
-                        local.id, local.conflict_of, local.vector_clock = copy_id, cloud.id, {}
-                        store._write(kind, local, dirty=True)
-                        report.conflicts.append((cloud.id, copy_id))
-                        if kind == "memory":
-                            upserted.append(copy_id)
-                    if kind == "memory" and cloud.deleted_at and local is not None and not local.deleted_at:
-                        self._deletions += 1
-                    cloud.dirty, cloud.seq = False, 0
-                    writes.append(cloud)
-                    report.pulled[plural[kind]] += 1
-                    if kind == "memory":
-                        (deleted if cloud.deleted_at else upserted).append(cloud.id)
-                if (kind == "memory" and not dry_run and not self._force and self._deletions > MASS_DELETE_MIN
-                        and is_mass_delete(self._deletions, self._live_total())):
-                    # Raised inside the page's transaction, after counting the whole page (so the
-                    # message gives the real number): this page is rolled back whole.
-                    raise MassDeleteError(_mass_delete_message("on this device", self._deletions,
-                                                               self._live_total()))
-                if writes:
-                    self._write_many(kind, writes)
-                    if kind == "memory":  # live rows gained (+) or lost (-) under these ids
-                        self._live_delta += sum((obj.deleted_at is None) - live_before.get(obj.id, False)
-                                                for obj in writes)
-            if not dry_run and next_cursor is not None:
-                store.set_state(cursor_key, next_cursor)
-        return upserted, deleted
-
-    def _live_total(self) -> int:
-        """Live memories before this pull: counted now, less what its applied pages changed."""
-        if self._live_before is None:
-            now = self.store.conn.execute(
-                "SELECT count(*) FROM memories WHERE deleted_at IS NULL AND conflict_of IS NULL").fetchone()[0]
-            self._live_before = now - self._live_delta
-        return self._live_before
-
-    def _write_many(self, kind: str, objs: List[Any]) -> None:
-        table, _cls, columns = _KINDS[kind]
-        conn = self.store.conn
-        assignments = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "id")
-        upsert = f"ON CONFLICT(id) DO UPDATE SET {assignments}"
-        rows = [_to_row(o, columns) for o in objs]
-        if kind != "memory" or not self.store.fts:
-            conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
-                             f"{upsert}", rows)
+    def _learn_metadata_drop(self, memories: List[Memory]) -> None:
+        """A server that echoes our own write with empty metadata stores none (ContextFS Cloud,
+        protocol.md gap 5): remember it, so its empty objects never wipe ours."""
+        if self._drops_metadata():
             return
-        # The FTS triggers make every row its own statement journal, and SQLite (< 3.44) flushes
-        # FTS5's pending terms at each one: a page of 1,000 tiny index segments to merge, twice
-        # the work of the whole pull. Staged in an untyped temp table (values kept exactly as
-        # bound), the page goes in as ONE statement: one flush per page.
-        stage = "temp._pull_stage_memories"
-        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS _pull_stage_memories ({', '.join(columns)})")
-        conn.execute(f"DELETE FROM {stage}")
-        conn.executemany(f"INSERT INTO {stage} VALUES ({', '.join('?' * len(columns))})", rows)
-        conn.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM {stage} "
-                     f"WHERE true ORDER BY rowid {upsert}")  # WHERE: the upsert needs it after a SELECT
-        conn.execute(f"DELETE FROM {stage}")
+        device = self.store.device_id
+        echoes = [m for m in memories if m.last_modified_by == device and not m.metadata and not m.deleted_at]
+        if not echoes:
+            return
+        local = self.store.local_versions("memory", [m.id for m in echoes])
+        if any(local.get(m.id) is not None and local[m.id].metadata and local[m.id].content_hash == m.content_hash
+               for m in echoes):
+            self.store.set_state(f"drops_metadata|{self.scope}", "1")
+
+    def _readable(self, memory: Memory) -> bool:
+        """Decrypt a pulled memory in place; False if it must not be stored (damaged).
+
+        Content is trusted only when it matches its content_hash (of the plaintext). A server
+        may drop the ``encrypted`` flag (ContextFS Cloud does: protocol.md gap 6), so content
+        that does not match its hash is tried as ciphertext with every key this device has:
+        the passphrase key, then the public client's key derived from our API key.
+        """
+        expected = memory.content_hash
+        if not memory.encrypted and (not expected or content_hash(memory.content) == expected):
+            return True
+        if memory.deleted_at is not None and not memory.content:
+            memory.encrypted, memory.content_hash = False, content_hash("")
+            return True
+        looks_sealed = memory.encrypted or _looks_like_ciphertext(memory.content)
+        keys = ([self.key] if self.key is not None else []) + (self._public_client_keys() if looks_sealed else [])
+        for key in keys:
+            try:
+                plaintext = decrypt_content(key, memory.content)
+            except CryptoError:
+                continue
+            if not expected or content_hash(plaintext) == expected:
+                memory.content, memory.encrypted = plaintext, False
+                memory.content_hash = content_hash(plaintext)
+                return True
+        if looks_sealed:
+            if self.key is None:
+                _aesgcm()  # names the missing extra when cryptography is not installed
+                raise CryptoError(f"Memory {memory.id} is end-to-end encrypted and this device has no passphrase. "
+                                  f"Run: contextfs cloud configure --e2ee (nothing was stored)", EXIT_NOT_CONFIGURED)
+            raise CryptoError(f"Cannot decrypt memory {memory.id}: wrong E2EE passphrase on this device? "
+                              f"Run: contextfs cloud configure --e2ee (nothing was stored)")
+        # Plain text that does not match its hash: damaged on the way. Never let it replace
+        # what we hold; a memory we do not have yet is stored with the hash of what it says.
+        if self.store.get_row("memory", memory.id) is not None:
+            self._damaged += 1
+            return False
+        memory.content_hash = content_hash(memory.content)
+        return True
+
+    def _public_client_keys(self) -> List[bytes]:
+        """The key the public ContextFS client derives from this API key and its salt, if any."""
+        with self._keys_lock:
+            if self._anchor_keys is None:
+                self._anchor_keys = []
+                try:
+                    salt = self.client.encryption_salt()
+                except ContextFSError:
+                    salt = None
+                if salt and self.client.api_key:
+                    self._anchor_keys.append(derive_anchor_key(self.client.api_key, salt))
+            return self._anchor_keys
+
+
+class _TakenIds:
+    """Ids a conflict copy may not take: any memory or session id already in the store."""
+
+    def __init__(self, store: Store):
+        self.memories, self.sessions = store.ids("memory"), store.ids("session")
+
+    def __contains__(self, row_id: object) -> bool:
+        return row_id in self.memories or row_id in self.sessions
+
+
+def _looks_like_ciphertext(text: str) -> bool:
+    """Whether content has the wire form of sealed content (base64url of nonce‖ciphertext‖tag)."""
+    return len(text) >= 40 and re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", text) is not None
+
+
+def register_device(client: CloudClient, device: str) -> dict:
+    """Register this device with the server (name and platform as the public client sends them)."""
+    import platform
+    import socket
+
+    return client.register(device, socket.gethostname() or "device", platform.system().lower())
 
 
 def _client_for(cfg: Config) -> CloudClient:
@@ -3397,8 +3896,10 @@ MCP_TOOLS: Tuple[McpTool, ...] = (
             "Sync this device's memories, relationships and session summaries with the ContextFS "
             "server. direction='both' (default) pushes local changes then pulls the cloud's; "
             "'push' or 'pull' go one way. push_all=true pushes every memory, not only changed ones. "
-            "On conflict the cloud version wins and the local one is kept with a _local suffix. "
-            "Drafts and temporary memories are never synced.",
+            "On conflict the cloud version wins and the local one is kept with a _local suffix; "
+            "that copy is synced too (a backup every device lists until one resolves it). A delete "
+            "that loses to a newer edit elsewhere is reported, and the edit kept. "
+            "Drafts and temporary memories are never synced, nor links to them.",
             _SYNC_INPUT, _SYNC_OUTPUT, _mcp_sync, open_world=True),
     McpTool("contextfs_sync_status", "Cloud sync status",
             "Show whether cloud sync is enabled and logged in, the server, this device, the last "
@@ -4150,12 +4651,14 @@ def cmd_cloud_conflicts(args: argparse.Namespace) -> int:
     with _open(args) as store:
         copies = store.conflicts()
     if args.json:
-        _print_json([memory_view(m) for m in copies])
+        _print_json([conflict_view(c) for c in copies])
     elif not copies:
         print("No conflicts")
     else:
         for copy in copies:
-            print(f"{copy.id}  local copy of {copy.conflict_of}: {_one_line(copy.content, 60)}")
+            what = (f"session summary: {_one_line(copy.summary, 50)}" if isinstance(copy, Session)
+                    else _one_line(copy.content, 60))
+            print(f"{copy.id}  local copy of {copy.conflict_of}: {what}")
         print("Resolve: contextfs cloud resolve ID --keep local|cloud")
     return EXIT_OK
 
@@ -4165,7 +4668,7 @@ def cmd_cloud_resolve(args: argparse.Namespace) -> int:
     with _open(args) as store:
         memory = store.resolve_conflict(args.id, args.keep)
     if args.json:
-        _print_json(memory_view(memory))
+        _print_json(conflict_view(memory))
     elif args.keep == "local":
         print(f"Resolved {memory.id}: your local version wins and will be pushed on the next sync")
     else:

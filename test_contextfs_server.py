@@ -859,3 +859,20 @@ def test_hostile_push_bodies_get_a_clear_4xx_and_store_nothing(ref_server):
 def test_server_run_help_states_the_servers_own_body_limit(tmp_path):
     out = run_cli(tmp_path / "home", "server", "run", "--help", check=0).stdout
     assert f"default {contextfs_server.MAX_BODY}:" in " ".join(out.split())
+
+
+def test_a_tombstone_is_stored_without_the_text_it_arrived_with(ref_server):
+    """Another client may push a delete that still carries the memory's text: it is not kept."""
+    key = ref_server.add_user()
+    push(ref_server, key, memories=[mem("gone", "the secret", {"d": 1}, summary="secret", tags=["t"],
+                                        metadata={"k": "v"})])
+    push(ref_server, key, memories=[mem("gone", "the secret", {"d": 2}, summary="secret", tags=["t"],
+                                        metadata={"k": "v"}, deleted_at="2026-01-01T00:00:00Z")])
+    row = server_rows(ref_server, key)[("memories", "gone")]
+    assert row["deleted_at"] and row["content"] == "" and row["summary"] is None
+    assert row["tags"] == [] and row["metadata"] == {}
+    db = sqlite3.connect(Path(ref_server.data) / "server.db")
+    try:
+        assert not any(b"the secret" in (r[0] or "").encode() for r in db.execute("SELECT body FROM memories"))
+    finally:
+        db.close()
