@@ -36,7 +36,7 @@ __all__ = [
     # data model and pure sync logic
     "Memory", "Session", "Edge", "SearchHit",
     "clock_compare", "clock_merge", "clock_tick", "content_hash", "decide_incoming",
-    "conflict_copy_id", "batches", "parse_ttl", "mask_key",
+    "conflict_copy_id", "batches", "parse_ttl", "mask_key", "Op", "plan_push", "plan_page",
     # config and local store
     "Config", "load_config", "save_config", "contextfs_home", "device_id", "Store", "open_store",
     # search, crypto, client, sync
@@ -3537,11 +3537,11 @@ def cloud_check(home: Optional[Path] = None) -> dict:
     with open_store(cfg.home) as store, _client_for(cfg) as client:
         manifest = []
         local_hashes: Dict[str, Tuple[str, bool]] = {}
-        for row in store.conn.execute(
-                f"SELECT id, content_hash, updated_at, deleted_at FROM memories WHERE {_PUSHABLE['memory']}"):
-            # deleted_at is left out on purpose: an anchor server would apply it (diff rule 2).
-            manifest.append({"id": row[0], "content_hash": row[1], "updated_at": row[2]})
-            local_hashes[row[0]] = (row[1], row[3] is not None)
+        for row_id, row_hash, deleted, _dirty in store.manifest():
+            # deleted_at is left out on purpose: an anchor server would apply it (diff rule 2);
+            # updated_at too: every server ignores it (protocol.md §4.4).
+            manifest.append({"id": row_id, "content_hash": row_hash})
+            local_hashes[row_id] = (row_hash, deleted)
         response = client.diff(store.device_id, manifest, [], [])
     only_server, differ = [], []
     for item in response.get("missing_memories") or []:
