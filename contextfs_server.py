@@ -366,6 +366,8 @@ _SCHEMA = """
 BEGIN IMMEDIATE;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('seq', 0);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('storage_id', lower(hex(randomblob(16))));
 CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, name TEXT, password_hash TEXT,
     password_salt TEXT, e2ee_salt TEXT NOT NULL, created_at TEXT NOT NULL);
@@ -507,6 +509,13 @@ class SQLiteStorage:
         if conn is None:
             conn = self._local.conn = _connect(self.path)
         return conn
+
+    def storage_id(self) -> str:
+        """This database's random id, made when it was created: a new or replaced database has
+        another one (a copy restored from a backup keeps it; its lower highest seq tells)."""
+        if getattr(self, "_storage_id", None) is None:
+            self._storage_id = self._conn().execute("SELECT value FROM meta WHERE name = 'storage_id'").fetchone()[0]
+        return self._storage_id
 
     @staticmethod
     def is_busy(exc: BaseException) -> bool:
@@ -1192,7 +1201,10 @@ class ServerApp:
             [("success", True)]
             + [(plural, _RawJSON("[" + ",".join(pieces[kind]) + "]")) for kind, plural in WIRE_LISTS.items()]
             + [("server_timestamp", server_timestamp), ("has_more", has_more),
-               ("next_cursor", next_cursor), ("next_offset", 0)])
+               ("next_cursor", next_cursor), ("next_offset", 0),
+               # Our extension (protocol.md §6 e): a client whose cursor is past top_seq, or that
+               # sees another storage_id, knows this server went back and re-uploads what it lacks.
+               ("storage_id", self.storage.storage_id()), ("top_seq", top_seq)])
 
     def diff(self, user: dict, body: dict, ip: str) -> dict:
         """POST /api/sync/diff: compare a client manifest with this user's rows (read-only).

@@ -659,6 +659,7 @@ def test_the_app_is_plain_wsgi(tmp_path):
     assert status == "200 OK" and body["accepted_memories"] == 1
     status, body = call("POST", "/api/sync/pull", b'{"device_id": "d2", "cursor": null}', x_api_key=key)
     assert [m["content"] for m in body["memories"]] == ["plain WSGI"]
+    assert re.fullmatch(r"[0-9a-f]{32}", body["storage_id"]) and body["top_seq"] == 1  # protocol.md §6 e
     assert call("POST", "/api/sync/pull", b"x" * 10, x_api_key=key)[0] == "422 Unprocessable Entity"
     assert call("DELETE", "/health")[0] == "405 Method Not Allowed" and answers[-1][1]["Allow"] == "GET"
     small = contextfs_server.ServerApp(app.storage, max_body=8)

@@ -1289,6 +1289,46 @@ def test_a_delete_that_loses_to_an_edit_elsewhere_is_reported_and_the_edit_kept(
     assert cli_json(desktop, "show", x)["content"] == "shared note, with the fix that matters"
 
 
+def _copy_server_db(src, dst):
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in Path(src).glob("server.db*"):
+        shutil.copy2(path, dst / path.name)
+
+
+def test_a_server_restored_from_an_older_copy_gets_back_what_it_lost(tmp_path):
+    """The device's cursor is past the highest seq the restored server holds: the device pulls
+    everything again, says so, and re-uploads the memories the server is missing."""
+    server = start_ref_server(tmp_path / "srv")
+    key, port, data = server.add_user("alice@example.com"), server.port, server.data
+    laptop = make_device(tmp_path, "laptop", server, key)
+    early = [cli_json(laptop, "save", f"early {n}")["id"] for n in range(3)]
+    sync(laptop)
+    assert server.stop() == 0
+    _copy_server_db(data, tmp_path / "backup")    # last night's backup
+    server = start_ref_server(tmp_path / "srv", "--port", str(port))
+    late = [cli_json(laptop, "save", f"late {n}")["id"] for n in range(2)]
+    sync(laptop)
+    assert server.stop() == 0
+    for path in Path(data).glob("server.db*"):    # the disk dies; the backup is restored
+        path.unlink()
+    _copy_server_db(tmp_path / "backup", Path(data))
+    server = start_ref_server(tmp_path / "srv", "--port", str(port))
+    try:
+        assert set(server_memories(server, key)) == set(early)
+        report = sync(laptop)
+        assert any("restored from an older copy or reset" in w for w in report["warnings"]), report
+        on_server = server_memories(server, key)
+        assert set(early + late) <= set(on_server), sorted(set(early + late) - set(on_server))
+        desktop = make_device(tmp_path, "desktop", server, key)
+        sync(desktop)
+        assert sorted(m["id"] for m in cli_json(desktop, "list")) == sorted(early + late)
+        assert "restored" not in " ".join(sync(laptop)["warnings"])   # once, not on every sync
+    finally:
+        server.stop()
+
+
 # ---- tests: MCP stdio server ---------------------------------------------------------------
 # `contextfs mcp` always runs as a real subprocess: driven by the official `mcp` SDK client
 # (test-only dependency) and by raw bytes for the protocol edge cases.
