@@ -3012,8 +3012,10 @@ class SyncEngine:
             self.push(report, push_all=push_all, force=force, dry_run=dry_run)
         if direction in ("pull", "both"):
             repush = self.pull(report, dry_run=dry_run, force=force)
-            if repush and direction == "both" and not dry_run:
-                self.push(report, force=force)  # what the server turned out to be missing
+            if (repush or report.conflicts) and direction == "both" and not dry_run:
+                # What the server turned out to be missing, and the conflict copies this pull
+                # made: they are backups, so they go up now, not on some later sync.
+                self.push(report, force=force)
         if self._damaged:
             report.warnings.append(f"{self._damaged} pulled memor{'y' if self._damaged == 1 else 'ies'} did not match "
                                    f"{'its' if self._damaged == 1 else 'their'} content hash (damaged on the server or "

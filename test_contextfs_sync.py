@@ -861,8 +861,9 @@ def test_concurrent_edit_keeps_cloud_version_and_local_copy(two_devices):
     sync(laptop)                                           # laptop's edit reaches the cloud first
     report = sync(desktop)
     assert report["conflicts"] == [{"id": m["id"], "local_copy": f"{m['id']}_local"}]
+    assert report["pushed"]["memories"] == 1               # the copy goes up as a backup, in the same sync
     human = run_cli(desktop, "cloud", "sync", check=0).stdout
-    assert human.startswith("pushed 1, pulled 0")          # the copy goes up as a backup
+    assert human.startswith("pushed 0, pulled 0")
     assert cli_json(desktop, "show", m["id"])["content"] == "laptop text"
     copy = cli_json(desktop, "show", f"{m['id']}_local")
     assert copy["content"] == "desktop text" and copy["conflict_of"] == m["id"]
@@ -883,7 +884,7 @@ def test_conflict_summary_line_names_the_copy(two_devices):
     cli_json(desktop, "edit", m["id"], "v2 desktop")
     sync(laptop)
     out = run_cli(desktop, "cloud", "sync", check=0).stdout
-    assert out.splitlines()[0] == f"pushed 0, pulled 1, 1 conflict kept as {m['id']}_local"
+    assert out.splitlines()[0] == f"pushed 1, pulled 1, 1 conflict kept as {m['id']}_local"  # the copy, pushed
 
 
 @pytest.mark.parametrize("keep", ["local", "cloud"])
