@@ -1623,6 +1623,13 @@ class Store:
                 (_dumps(ids),))}
         return set(ids) - ok
 
+    def existing_ids(self, kind: str, ids: Iterable[str]) -> set:
+        """Which of these ids are rows of this kind in the store (one query)."""
+        with self._lock:
+            return {r[0] for r in self.conn.execute(
+                f"SELECT id FROM {_KINDS[kind][0]} WHERE id IN (SELECT value FROM json_each(?))",
+                (_dumps(list(set(ids))),))}
+
     def pending_deletions(self) -> Tuple[int, int]:
         """(memory deletions waiting to be pushed, memories the server would hold before them).
 
@@ -3310,8 +3317,11 @@ class SyncEngine:
         local_rows = {kind: store.local_versions(kind, [obj.id for obj in objs]) if objs else {}
                       for kind, objs in page.items()}
         taken = _TakenIds(store)
+        # The page's edge ends that are memories here, in one query (not one lookup per end).
+        edges = page.get("edge", [])
+        known = store.existing_ids("memory", [e.from_id for e in edges] + [e.to_id for e in edges]) if edges else set()
         ops = plan_page(page, local_rows, taken, device=store.device_id,
-                        drops_metadata=self._drops_metadata(), known_memory_ids=store.ids("memory"))
+                        drops_metadata=self._drops_metadata(), known_memory_ids=known)
         for op in ops:
             if op.op == APPLY_IGNORE:
                 if hold and len(self._held_edges) < PULL_MAX_HELD_EDGES:
