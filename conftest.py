@@ -276,3 +276,49 @@ def ref_server(tmp_path_factory):
 def two_users(ref_server):
     """API keys of two users on the shared server (alice, bob)."""
     return ref_server.add_user(name="Alice"), ref_server.add_user(name="Bob")
+
+
+class AnchorServer:
+    """The public ContextFS Cloud server (../shared/anchor) at CONTEXTFS_ANCHOR_URL: ``.url``,
+    ``.add_user()`` (a fresh tenant through its admin API), ``.memories(key)``."""
+
+    def __init__(self, url, admin_key):
+        self.url, self.admin_key = url.rstrip("/"), admin_key
+
+    def add_user(self, name="Anchor Tester"):
+        """Create a fresh user (enterprise tier: no device limit) and return its API key."""
+        email = f"user-{uuid.uuid4().hex[:10]}@example.com"
+        password = "Pw-" + uuid.uuid4().hex[:12] + "!"
+        resp = http_client().post(self.url + "/api/admin/users", headers={"X-API-Key": self.admin_key}, json={
+            "email": email, "name": name, "password": password, "tier": "enterprise",
+            "send_welcome_email": False})
+        assert resp.status_code in (200, 201), resp.text
+        resp = http_client().post(self.url + "/api/auth/login", json={"email": email, "password": password})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["apiKey"]
+
+    def memories(self, key):
+        """{id: object} of every memory this key's user can pull (a reader device of its own)."""
+        reader = f"reader-{uuid.uuid4().hex[:8]}"
+        rows, offset = {}, 0
+        while True:
+            page = http_client().post(self.url + "/api/sync/pull", headers={"X-API-Key": key}, json={
+                "device_id": reader, "since_timestamp": None, "limit": 1000, "offset": offset}).json()
+            rows.update((m["id"], m) for m in page["memories"])
+            if not page["has_more"]:
+                return rows
+            offset = page["next_offset"]
+
+
+@pytest.fixture(scope="session")
+def anchor_server():
+    """The real ContextFS Cloud server, when one runs (skipped otherwise: see ../shared/anchor)."""
+    url = os.environ.get("CONTEXTFS_ANCHOR_URL")
+    if not url:
+        pytest.skip("set CONTEXTFS_ANCHOR_URL (and CONTEXTFS_ANCHOR_ADMIN_KEY) to test against ContextFS Cloud")
+    admin = os.environ.get("CONTEXTFS_ANCHOR_ADMIN_KEY", "ctxfs_ANCHOR-local-test-key-000000000000000000000")
+    try:
+        http_client().get(url.rstrip("/") + "/health").raise_for_status()
+    except httpx.HTTPError as exc:
+        pytest.fail(f"CONTEXTFS_ANCHOR_URL={url} does not answer: {exc}")
+    return AnchorServer(url, admin)

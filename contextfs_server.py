@@ -695,37 +695,39 @@ class SQLiteStorage:
 
     def changes_after(self, user_id: str, device_id: str, after: int, limit: int,
                       namespaces: Optional[List[str]], exclude_own: Optional[Tuple[int, int]],
-                      now: str, peek: bool = False) -> Tuple[List[PulledRow], bool, int]:
-        """Up to ``limit`` rows with a server seq above ``after``, in seq order, from one snapshot.
+                      now: str, page: Callable[[List[PulledRow], bool, int], Tuple[List[PulledRow], bool, int]],
+                      peek: bool = False) -> Tuple[List[PulledRow], bool, int, int]:
+        """Up to ``limit`` rows with a server seq above ``after``, in seq order, in ONE transaction
+        that also registers the device and saves the cursor it is handed.
 
         ``exclude_own`` (first, last) leaves out the rows this device itself wrote at those seqs
-        (it holds them already, exactly as stored). Returns (rows, has_more, the last seq handed
-        out so far). ``peek`` reads only: the device is not registered or touched."""
+        (it holds them already, exactly as stored). ``page(rows, has_more, top_seq)`` (the app's
+        paging rule) returns (rows to send, has_more, next cursor). Returns (rows, has_more,
+        next cursor, the last seq handed out so far). ``peek`` reads only: the device is not
+        registered or touched."""
         conn = self._conn()
-        if not peek:
-            with _Tx(conn, immediate=True):
-                self._claim_device(conn, user_id, device_id, now)
         own_sql, own_args = "", []
         if exclude_own is not None:
             own_sql = " AND NOT (seq BETWEEN ? AND ? AND last_modified_by = ?)"
             own_args = [exclude_own[0], exclude_own[1], device_id]
         rows: List[PulledRow] = []
-        with _Tx(conn, immediate=False):  # one snapshot across the three tables
+        # One transaction: one snapshot across the three tables, and the device's cursor saved
+        # with the very rows it describes. A peek takes no write lock.
+        with _Tx(conn, immediate=not peek):
+            if not peek:
+                self._claim_device(conn, user_id, device_id, now)
             for kind, (table, _key) in _TABLES.items():
                 ns_sql, ns_args = _namespace_filter(kind, namespaces)
                 rows += [(r[0], kind, r[1]) for r in conn.execute(
                     f"SELECT seq, body FROM {table} WHERE user_id = ? AND seq > ?{ns_sql}{own_sql} "
                     f"ORDER BY seq LIMIT ?", [user_id, after] + ns_args + own_args + [limit + 1])]
             top_seq = conn.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
-        rows.sort()
-        return rows[:limit], len(rows) > limit, top_seq
-
-    def save_cursor(self, user_id: str, device_id: str, served_seq: int, cursor: str) -> None:
-        """Remember how far this device was served (for status) and its protocol cursor."""
-        conn = self._conn()
-        with _Tx(conn, immediate=True):
-            conn.execute("UPDATE devices SET served_seq = ?, sync_cursor = ? WHERE device_id = ? AND user_id = ?",
-                         (served_seq, cursor, device_id, user_id))
+            rows.sort()
+            rows, has_more, next_cursor = page(rows[:limit], len(rows) > limit, top_seq)
+            if not peek:
+                conn.execute("UPDATE devices SET served_seq = ?, sync_cursor = ? WHERE device_id = ? AND user_id = ?",
+                             (next_cursor, now, device_id, user_id))
+        return rows, has_more, next_cursor, top_seq
 
     def changes_since(self, user_id: str, device_id: str, since: Optional[str], limit: int, offset: int,
                       namespaces: Optional[List[str]], now: str,
@@ -1175,23 +1177,26 @@ class ServerApp:
                            namespaces: Optional[List[str]], own: Optional[Tuple[int, int]],
                            server_timestamp: str, peek: bool = False) -> _RawJSON:
         """Cursor-mode pull: the rows after a server seq, as one JSON text."""
-        rows, has_more, top_seq = self.storage.changes_after(user_id, device_id, after, limit, namespaces,
-                                                             own, server_timestamp, peek=peek)
-        # A page also stops at max_body bytes of rows (at least one row), so a client that
-        # can push a batch can pull it back and a page never grows without bound.
-        size = 0
-        for n, (_seq, _kind, body_json) in enumerate(rows):
-            size += len(body_json)
-            if n and size > self.max_body:
-                rows, has_more = rows[:n], True
-                break
-        next_cursor = str(rows[-1][0]) if rows else str(after)
-        if own is not None and not has_more and not namespaces:
-            # Everything up to the excluded range's end was sent or left out on purpose: move
-            # past it (never past the last seq handed out), or the next sync would fetch it.
-            next_cursor = str(max(int(next_cursor), min(own[1], top_seq)))
-        if not peek:
-            self.storage.save_cursor(user_id, device_id, int(next_cursor), server_timestamp)
+        max_body = self.max_body
+
+        def page(rows: List[PulledRow], has_more: bool, top_seq: int) -> Tuple[List[PulledRow], bool, int]:
+            # A page also stops at max_body bytes of rows (at least one row), so a client that
+            # can push a batch can pull it back and a page never grows without bound.
+            size = 0
+            for n, (_seq, _kind, body_json) in enumerate(rows):
+                size += len(body_json)
+                if n and size > max_body:
+                    rows, has_more = rows[:n], True
+                    break
+            next_cursor = rows[-1][0] if rows else after
+            if own is not None and not has_more and not namespaces:
+                # Everything up to the excluded range's end was sent or left out on purpose: move
+                # past it (never past the last seq handed out), or the next sync would fetch it.
+                next_cursor = max(next_cursor, min(own[1], top_seq))
+            return rows, has_more, next_cursor
+
+        rows, has_more, next_cursor, top_seq = self.storage.changes_after(
+            user_id, device_id, after, limit, namespaces, own, server_timestamp, page, peek=peek)
         # The stored rows are spliced into the answer as they are (no decode, no re-encode):
         # the bytes are the same as encoding _wire_row() of each.
         pieces: Dict[str, List[str]] = {kind: [] for kind in WIRE_LISTS}
@@ -1201,7 +1206,7 @@ class ServerApp:
             [("success", True)]
             + [(plural, _RawJSON("[" + ",".join(pieces[kind]) + "]")) for kind, plural in WIRE_LISTS.items()]
             + [("server_timestamp", server_timestamp), ("has_more", has_more),
-               ("next_cursor", next_cursor), ("next_offset", 0),
+               ("next_cursor", str(next_cursor)), ("next_offset", 0),
                # Our extension (protocol.md §6 e): a client whose cursor is past top_seq, or that
                # sees another storage_id, knows this server went back and re-uploads what it lacks.
                ("storage_id", self.storage.storage_id()), ("top_seq", top_seq)])

@@ -345,6 +345,7 @@ class Memory:
     def erase(self) -> None:
         """Drop what a tombstone must not keep: the text and everything that describes it."""
         self.content, self.summary, self.tags, self.metadata = "", None, [], {}
+        self.conflict_of = None  # a resolved copy is no longer anybody's conflict
         self.content_hash, self.encrypted = content_hash(""), False
 
 
@@ -1328,6 +1329,8 @@ class Store:
             # The text goes from this device as it goes from the server (to_wire): a deleted
             # memory, say a pasted secret, is kept nowhere in its tombstone.
             obj.erase()
+        elif kind == "session" and obj.deleted_at is not None:
+            obj.conflict_of = None
         obj.vector_clock = clock_tick(obj.vector_clock, self.device_id)
         obj.updated_at = utc_now()
         self._write(kind, obj, dirty=True)

@@ -660,6 +660,15 @@ def test_the_app_is_plain_wsgi(tmp_path):
     status, body = call("POST", "/api/sync/pull", b'{"device_id": "d2", "cursor": null}', x_api_key=key)
     assert [m["content"] for m in body["memories"]] == ["plain WSGI"]
     assert re.fullmatch(r"[0-9a-f]{32}", body["storage_id"]) and body["top_seq"] == 1  # protocol.md §6 e
+    statements = []
+    app.storage._conn().set_trace_callback(statements.append)  # this thread's connection
+    status, body = call("POST", "/api/sync/pull", b'{"device_id": "d3", "cursor": "0"}', x_api_key=key)
+    app.storage._conn().set_trace_callback(None)
+    assert body["next_cursor"] == "1"
+    # Registering the device, reading the page and saving its cursor: one write transaction.
+    assert [s.split()[0] for s in statements if s.split()[0] in ("BEGIN", "COMMIT")] == ["BEGIN", "COMMIT"]
+    device = app.storage.device_status(app.storage.user_for_key(contextfs_server._key_hash(key))["id"], "d3")
+    assert device is not None and device["pending"] == 0
     assert call("POST", "/api/sync/pull", b"x" * 10, x_api_key=key)[0] == "422 Unprocessable Entity"
     assert call("DELETE", "/health")[0] == "405 Method Not Allowed" and answers[-1][1]["Allow"] == "GET"
     small = contextfs_server.ServerApp(app.storage, max_body=8)

@@ -903,6 +903,10 @@ def test_resolve_conflict_both_ways_then_converge(two_devices, keep):
         assert cli_json(home, "show", m["id"])["content"] == expected
         assert [x["id"] for x in cli_json(home, "list")] == [m["id"]]
     assert server_memories(server, key)[m["id"]]["content"] == expected
+    for home in (laptop, desktop):  # the dropped copy is a plain tombstone on both devices
+        with cfs.open_store(home) as store:
+            copy = store.get_row("memory", f"{m['id']}_local")
+            assert copy.deleted_at is not None and copy.conflict_of is None and copy.content == ""
 
 
 def test_pull_pages_across_boundaries_with_equal_timestamps(tmp_path, two_devices, monkeypatch):
@@ -1328,6 +1332,46 @@ def test_a_server_restored_from_an_older_copy_gets_back_what_it_lost(tmp_path):
         assert "restored" not in " ".join(sync(laptop)["warnings"])   # once, not on every sync
     finally:
         server.stop()
+
+
+# ---- tests: against the real ContextFS Cloud server (CONTEXTFS_ANCHOR_URL) -----------------
+
+
+def _anchor_homes(tmp_path, anchor, *names):
+    """A fresh tenant on the anchor and a device home for each name (hash embedder: offline)."""
+    key = anchor.add_user()
+    homes = []
+    for name in names:
+        home = make_device(tmp_path, name, anchor, key)
+        (home / "config.toml").write_text((home / "config.toml").read_text() + '\n[index]\nembedder = "hash"\n')
+        homes.append(home)
+    return key, homes
+
+
+def test_anchor_dry_run_changes_no_memory_and_the_next_sync_pulls_everything(tmp_path, anchor_server):
+    """ContextFS Cloud has no read-only pull (its pull records when the device was last seen, a
+    field only its /status reads): a dry run still sends no push, register or diff, and changes
+    no memory here or there."""
+    key, (laptop, desktop) = _anchor_homes(tmp_path, anchor_server, "laptop", "desktop")
+    ids = [cli_json(laptop, "save", f"anchor dry run {n}")["id"] for n in range(3)]
+    sync(laptop)
+    cli_json(desktop, "save", "not pushed by a dry run")
+    before = anchor_server.memories(key)
+    proxy = RecordingProxy(anchor_server.url)
+    try:
+        run_cli(desktop, "cloud", "login", "--api-key", key, "--server", proxy.url, check=0)
+        del proxy.requests[:]  # login checks the key (GET /api/auth/me)
+        plan = sync(desktop, "--dry-run")
+    finally:
+        proxy.stop()
+    assert plan["dry_run"] and plan["pulled"]["memories"] == 3 and plan["pushed"]["memories"] == 1
+    assert {path for path, _body in proxy.requests} == {"/api/sync/pull"}
+    assert anchor_server.memories(key) == before
+    assert len(cli_json(desktop, "list")) == 1
+    run_cli(desktop, "cloud", "login", "--api-key", key, "--server", anchor_server.url, check=0)
+    report = sync(desktop)
+    assert report["pulled"]["memories"] >= 3 and report["pushed"]["memories"] == 1
+    assert set(ids) <= {m["id"] for m in cli_json(desktop, "list")}
 
 
 # ---- tests: MCP stdio server ---------------------------------------------------------------
