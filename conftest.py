@@ -240,6 +240,8 @@ def pull_all(server, key, device=None, limit=1000, cursor=None):
 
 def server_rows(server, key):
     """{(kind, id): object} of everything this key's user can pull."""
+    if isinstance(server, AnchorServer):
+        return server.rows(key)
     items, _ = pull_all(server, key, device=f"reader-{uuid.uuid4().hex[:6]}")
     return {(kind, i): obj for kind, i, obj in items}
 
@@ -285,9 +287,10 @@ class AnchorServer:
     def __init__(self, url, admin_key):
         self.url, self.admin_key = url.rstrip("/"), admin_key
 
-    def add_user(self, name="Anchor Tester"):
-        """Create a fresh user (enterprise tier: no device limit) and return its API key."""
-        email = f"user-{uuid.uuid4().hex[:10]}@example.com"
+    def add_user(self, email=None, name="Anchor Tester"):
+        """Create a fresh user (enterprise tier: no device limit) and return its API key. Emails
+        are made unique (ContextFS Cloud has one user per email across the whole server)."""
+        email = f"{uuid.uuid4().hex[:10]}-{email or 'user@example.com'}"
         password = "Pw-" + uuid.uuid4().hex[:12] + "!"
         resp = http_client().post(self.url + "/api/admin/users", headers={"X-API-Key": self.admin_key}, json={
             "email": email, "name": name, "password": password, "tier": "enterprise",
@@ -297,17 +300,27 @@ class AnchorServer:
         assert resp.status_code == 200, resp.text
         return resp.json()["apiKey"]
 
+    def rows(self, key):
+        """{(plural, id): object} of everything this key's user can pull, with a reader device of
+        its own. Each list is paged on its own offset (the server's next_offset skips rows)."""
+        reader, rows = f"reader-{uuid.uuid4().hex[:8]}", {}
+        for plural in ("memories", "sessions", "edges"):
+            offset = 0
+            while True:
+                page = http_client().post(self.url + "/api/sync/pull", headers={"X-API-Key": key}, json={
+                    "device_id": reader, "since_timestamp": None, "limit": 1000, "offset": offset}).json()
+                rows.update(((plural, obj["id"]), obj) for obj in page[plural])
+                if len(page[plural]) < 1000:
+                    break
+                offset += 1000
+        # Edges are served to every tenant (protocol.md gap 7): keep this account's.
+        mine = {i for (plural, i) in rows if plural == "memories"}
+        return {(plural, i): obj for (plural, i), obj in rows.items()
+                if plural != "edges" or (obj["from_id"] in mine and obj["to_id"] in mine)}
+
     def memories(self, key):
-        """{id: object} of every memory this key's user can pull (a reader device of its own)."""
-        reader = f"reader-{uuid.uuid4().hex[:8]}"
-        rows, offset = {}, 0
-        while True:
-            page = http_client().post(self.url + "/api/sync/pull", headers={"X-API-Key": key}, json={
-                "device_id": reader, "since_timestamp": None, "limit": 1000, "offset": offset}).json()
-            rows.update((m["id"], m) for m in page["memories"])
-            if not page["has_more"]:
-                return rows
-            offset = page["next_offset"]
+        """{id: object} of every memory this key's user can pull, tombstones included."""
+        return {i: obj for (plural, i), obj in self.rows(key).items() if plural == "memories"}
 
 
 @pytest.fixture(scope="session")
@@ -322,3 +335,434 @@ def anchor_server():
     except httpx.HTTPError as exc:
         pytest.fail(f"CONTEXTFS_ANCHOR_URL={url} does not answer: {exc}")
     return AnchorServer(url, admin)
+
+
+# ---- a faithful double of ContextFS Cloud (contextfs 0.2.35 server; protocol.md §4-§13) ---------
+#
+# What it reproduces, on purpose (each is a behaviour of the real service that our client must
+# survive; protocol.md section in brackets): rows looked up by id across ALL users, and another
+# user's row overwritten by a dominating clock [gap 7]; a server tick on insert [gap 15]; equal
+# clocks overwrite [§6]; conflicts and stale rejections only counted, no per-item results [§4.2];
+# metadata stored as {} [gap 5]; `encrypted` never stored, returned false [gap 6]; pulls filter
+# on the CLIENT's updated_at (strictly after since), order by (updated_at, id), page each list by
+# one shared offset and return next_offset = offset + the sum of the three lengths [§8 a-e]; edges
+# unscoped, served to every user [gap 7]; diff tombstones live rows listed deleted in a manifest
+# and returns no pagination [§4.4]; /status without auth, 404 for unknown devices, counting every
+# tenant's memories [gap 9]; salts only on keys created "with_encryption" [§5.4].
+
+
+def _double_ts(value):
+    """Parse like pydantic: ISO-8601, naive means UTC. Returns an aware datetime or raises ValueError."""
+    from datetime import datetime, timezone
+
+    if not isinstance(value, str):
+        raise ValueError("not a string")
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+
+
+def _double_iso(value):
+    """Serialise like pydantic v2: UTC with Z, no fraction when the microseconds are 0."""
+    if value is None:
+        return None
+    text = value.strftime("%Y-%m-%dT%H:%M:%S") + (f".{value.microsecond:06d}" if value.microsecond else "")
+    return text + "Z"
+
+
+def _double_clock_order(server, client):
+    """'before' (S < C), 'equal', 'after' (C < S) or 'concurrent' (protocol.md §6)."""
+    keys = set(server) | set(client)
+    less = any(server.get(k, 0) < client.get(k, 0) for k in keys)
+    more = any(server.get(k, 0) > client.get(k, 0) for k in keys)
+    return "concurrent" if less and more else "before" if less else "after" if more else "equal"
+
+
+class CloudDouble:
+    """ContextFS Cloud's sync service as a WSGI app over in-memory tables (thread-safe)."""
+
+    MEMORY_FIELDS = ("id", "vector_clock", "content_hash", "deleted_at", "created_at", "updated_at",
+                     "last_modified_by", "content", "type", "tags", "summary", "namespace_id", "repo_url",
+                     "repo_name", "relative_path", "source_file", "source_repo", "source_tool", "project",
+                     "session_id", "metadata", "embedding", "encrypted", "visibility")
+    SESSION_FIELDS = ("id", "vector_clock", "content_hash", "deleted_at", "created_at", "updated_at",
+                      "last_modified_by", "label", "namespace_id", "tool", "repo_url", "repo_name", "repo_path",
+                      "branch", "started_at", "ended_at", "summary", "metadata")
+    EDGE_FIELDS = ("id", "vector_clock", "content_hash", "deleted_at", "created_at", "updated_at",
+                   "last_modified_by", "from_id", "to_id", "relation", "weight", "created_by", "metadata")
+    # What an accepted update overwrites (§6); the rest keeps its first-pushed value.
+    MEMORY_UPDATES = ("content", "type", "tags", "summary", "repo_url", "repo_name", "relative_path",
+                      "updated_at", "content_hash", "deleted_at")
+    SESSION_UPDATES = ("label", "summary", "ended_at", "updated_at", "deleted_at")
+    EDGE_UPDATES = ("weight", "updated_at", "deleted_at")
+
+    def __init__(self, admin_key):
+        self.lock = threading.Lock()
+        self.admin_key = admin_key
+        self.users = {}      # user id -> {email, name, password}
+        self.keys = {}       # api key -> {user_id, name, salt}
+        self.devices = {}    # device id -> {user_id, last_sync_at, sync_cursor}
+        self.memories = {}   # id -> row (dict of wire fields + user_id), across all users
+        self.sessions = {}
+        self.edges = {}      # (from_id, to_id, relation) -> row, no owner
+        self.requests = []   # (path, device_id) of every call, for tests that count them
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def __call__(self, environ, start_response):
+        from datetime import datetime, timezone
+
+        path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        raw = environ["wsgi.input"].read(length) if length else b""
+        now = datetime.now(timezone.utc)
+        try:
+            status, answer = self.route(method, path, raw, environ.get("HTTP_X_API_KEY"), now)
+        except Exception as exc:  # the real service answers a plain-text 500
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+            return [f"Internal Server Error ({type(exc).__name__}: {exc})".encode()]
+        body = json.dumps(answer).encode()
+        reason = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+                  404: "Not Found", 405: "Method Not Allowed", 422: "Unprocessable Entity"}[status]
+        start_response(f"{status} {reason}", [("Content-Type", "application/json"),
+                                              ("Content-Length", str(len(body)))])
+        return [body]
+
+    def route(self, method, path, raw, key, now):
+        if path == "/health":
+            return 200, {"status": "healthy", "service": "contextfs-sync", "timestamp": _double_iso(now)}
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError as exc:
+            return 422, {"detail": [{"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error",
+                                     "input": {}, "ctx": {"error": str(exc)}}]}
+        if path == "/api/auth/login" and method == "POST":
+            return self.login(body)
+        if path == "/api/sync/status" and method == "POST":  # no auth (gap 9)
+            return self.status(body)
+        with self.lock:
+            auth = self.keys.get(key or "")
+        if path == "/api/admin/users" and method == "POST":
+            if key != self.admin_key:
+                return 401, {"detail": "Invalid or missing API key"}
+            return self.create_user(body)
+        if auth is None:
+            return 401, {"detail": "Invalid or missing API key"}
+        user_id = auth["user_id"]
+        handlers = {
+            ("GET", "/api/auth/me"): lambda: (200, dict(id=user_id, email=self.users[user_id]["email"],
+                                                          name=self.users[user_id]["name"],
+                                                          provider="admin_created", is_admin=False)),
+            ("GET", "/api/auth/encryption-salt"): lambda: (
+                (200, {"salt": auth["salt"]}) if auth["salt"]
+                else (404, {"detail": "No encryption salt configured for this API key"})),
+            ("POST", "/api/auth/api-keys"): lambda: self.create_key(user_id, body),
+            ("GET", "/api/billing/subscription"): lambda: (200, {
+                "tier": "enterprise", "status": "active", "device_limit": -1, "memory_limit": -1,
+                "current_period_end": None}),
+            ("POST", "/api/sync/register"): lambda: self.register(user_id, body, now),
+            ("POST", "/api/sync/push"): lambda: self.push(user_id, body, now),
+            ("POST", "/api/sync/pull"): lambda: self.pull(user_id, body, now),
+            ("POST", "/api/sync/diff"): lambda: self.diff(user_id, body, now),
+        }
+        handler = handlers.get((method, path))
+        if handler is None:
+            return 404, {"detail": "Not Found"}
+        with self.lock:
+            self.requests.append((path, body.get("device_id") if isinstance(body, dict) else None))
+            return handler()
+
+    @staticmethod
+    def _missing(loc):
+        return 422, {"detail": [{"type": "missing", "loc": list(loc), "msg": "Field required", "input": {}}]}
+
+    # -- auth ----------------------------------------------------------------------------------
+
+    def _new_key(self, user_id, name, salt=False):
+        import base64
+        import secrets
+
+        key = "ctxfs_" + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+        salt_text = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=") if salt else None
+        self.keys[key] = {"user_id": user_id, "name": name, "salt": salt_text}
+        return key
+
+    def create_user(self, body):
+        with self.lock:
+            user_id = str(uuid.uuid4())
+            self.users[user_id] = {"email": body["email"], "name": body.get("name"), "password": body["password"]}
+        return 201, {"id": user_id, "email": body["email"]}
+
+    def login(self, body):
+        with self.lock:
+            for user_id, user in self.users.items():
+                if user["email"] == body.get("email") and user["password"] == body.get("password"):
+                    key = self._new_key(user_id, body.get("session_type", "Web Session"))
+                    return 200, {"user": {"id": user_id, "email": user["email"], "name": user["name"],
+                                          "emailVerified": True, "createdAt": None, "is_admin": False},
+                                 "apiKey": key, "encryptionKey": None}
+        return 401, {"detail": "Invalid email or password"}
+
+    def create_key(self, user_id, body):
+        import base64
+        import hashlib
+        import hmac
+
+        key = self._new_key(user_id, body.get("name") or "key", salt=body.get("with_encryption", True))
+        salt = self.keys[key]["salt"]
+        encryption_key = None
+        if salt:  # HKDF-SHA256 (RFC 5869) of the key, as protocol.md §9 gives it
+            prk = hmac.new(base64.urlsafe_b64decode(salt + "=" * (-len(salt) % 4)), key.encode(), hashlib.sha256).digest()
+            okm = hmac.new(prk, b"contextfs-e2ee-v1\x01", hashlib.sha256).digest()
+            encryption_key = base64.urlsafe_b64encode(okm).decode()
+        return 200, {"id": str(uuid.uuid4()), "name": body.get("name"), "api_key": key,
+                     "encryption_key": encryption_key, "key_prefix": key[6:14], "config_snippet": ""}
+
+    # -- sync ----------------------------------------------------------------------------------
+
+    def register(self, user_id, body, now):
+        for field in ("device_id", "device_name", "platform", "client_version"):
+            if not isinstance(body.get(field), str):
+                return self._missing(("body", field))
+        device = self.devices.setdefault(body["device_id"], {"registered_at": now, "sync_cursor": None})
+        device.update(user_id=user_id, last_sync_at=now, device_name=body["device_name"],
+                      platform=body["platform"], client_version=body["client_version"])  # reassigned (gap 8)
+        return 200, {"device_id": body["device_id"], "device_name": device["device_name"],
+                     "platform": device["platform"], "client_version": device["client_version"],
+                     "registered_at": _double_iso(device["registered_at"]),
+                     "last_sync_at": _double_iso(now), "sync_cursor": _double_iso(device["sync_cursor"])}
+
+    def _touch(self, device_id, now):
+        if device_id in self.devices:
+            self.devices[device_id].update(last_sync_at=now, sync_cursor=now)
+
+    def status(self, body):
+        with self.lock:
+            device = self.devices.get(body.get("device_id"))
+            if device is None:
+                return 404, {"detail": "Device not registered"}
+            cursor = device["sync_cursor"]
+            pending = sum(1 for m in self.memories.values() if cursor and m["updated_at"] > cursor)  # all tenants
+            from datetime import datetime, timezone
+
+            return 200, {"device_id": body["device_id"], "last_sync_at": _double_iso(device["last_sync_at"]),
+                         "pending_push_count": 0, "pending_pull_count": pending,
+                         "server_timestamp": _double_iso(datetime.now(timezone.utc))}
+
+    def _entity(self, kind, obj, loc, now):
+        """Validate one pushed entity like the service's pydantic models; (row, error)."""
+        if not isinstance(obj, dict):
+            return None, (422, {"detail": [{"type": "model_attributes_type", "loc": list(loc),
+                                            "msg": "Input should be a valid dictionary", "input": obj}]})
+        required = {"memory": ("id", "content"), "session": ("id",), "edge": ("id", "from_id", "to_id", "relation")}[kind]
+        for field in required:
+            if not isinstance(obj.get(field), str):
+                return None, self._missing(loc + (field,))
+        row = {"vector_clock": {}, "content_hash": None, "deleted_at": None, "created_at": now, "updated_at": now,
+               "last_modified_by": None, "metadata": {}}
+        if kind == "memory":
+            row.update(type="fact", tags=[], summary=None, namespace_id="global", repo_url=None, repo_name=None,
+                       relative_path=None, source_file=None, source_repo=None, source_tool=None, project=None,
+                       session_id=None, embedding=None, encrypted=False, visibility="team_read")
+        elif kind == "session":
+            row.update(label=None, namespace_id="global", tool="contextfs", repo_url=None, repo_name=None,
+                       repo_path=None, branch=None, started_at=now, ended_at=None, summary=None)
+        else:
+            row.update(weight=1.0, created_by=None)
+        fields = {"memory": self.MEMORY_FIELDS, "session": self.SESSION_FIELDS, "edge": self.EDGE_FIELDS}[kind]
+        for field in fields:
+            if obj.get(field) is None:
+                continue
+            value = obj[field]
+            if field in ("created_at", "updated_at", "deleted_at", "started_at", "ended_at"):
+                try:
+                    value = _double_ts(value)
+                except ValueError:
+                    return None, (422, {"detail": [{"type": "datetime_from_date_parsing", "loc": list(loc + (field,)),
+                                                    "msg": "Input should be a valid datetime", "input": value}]})
+            if field == "vector_clock" and not (isinstance(value, dict) and all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value.values())):
+                return None, (422, {"detail": [{"type": "int_type", "loc": list(loc + (field,)),
+                                                "msg": "Input should be a valid integer", "input": value}]})
+            row[field] = value
+        return row, None
+
+    def push(self, user_id, body, now):
+        device = body.get("device_id")
+        if not isinstance(device, str):
+            return self._missing(("body", "device_id"))
+        force = bool(body.get("force"))
+        parsed = []
+        for kind, plural in (("memory", "memories"), ("session", "sessions"), ("edge", "edges")):
+            for i, obj in enumerate(body.get(plural) or []):
+                row, error = self._entity(kind, obj, ("body", plural, i), now)
+                if error:
+                    return error
+                parsed.append((kind, row))
+        accepted = rejected = accepted_memories = rejected_memories = 0
+        conflicts = []
+        for kind, row in parsed:  # one transaction: nothing above failed, so all of it applies
+            table = {"memory": self.memories, "session": self.sessions, "edge": self.edges}[kind]
+            key = (row["from_id"], row["to_id"], row["relation"]) if kind == "edge" else row["id"]
+            existing = table.get(key)  # by id across ALL users (gap 7)
+            client = dict(row["vector_clock"])
+            if existing is None:
+                row["vector_clock"] = dict(client, **{device: client.get(device, 0) + 1})  # gap 15
+                row["last_modified_by"] = device
+                row["metadata"] = {}       # gap 5: stored in a column nothing reads
+                row["encrypted"] = False   # gap 6
+                if kind != "edge":
+                    row["user_id"] = user_id
+                if kind == "edge":
+                    row["id"] = f"{row['from_id']}:{row['relation']}:{row['to_id']}"
+                table[key] = row
+                verdict = "accepted"
+            else:
+                order = _double_clock_order(existing["vector_clock"], client)
+                if order in ("before", "equal") or force:
+                    for field in {"memory": self.MEMORY_UPDATES, "session": self.SESSION_UPDATES,
+                                  "edge": self.EDGE_UPDATES}[kind]:
+                        existing[field] = row[field]
+                    if kind == "memory" and row.get("embedding"):
+                        existing["embedding"] = row["embedding"]
+                    merged = dict(existing["vector_clock"])
+                    for k, v in client.items():
+                        merged[k] = max(merged.get(k, 0), v)
+                    existing["vector_clock"], existing["last_modified_by"] = merged, device
+                    verdict = "accepted"
+                elif order == "after":
+                    verdict = "rejected"
+                else:
+                    verdict = "conflict"
+                    field = {"memory": "content", "session": "summary", "edge": None}[kind]
+                    conflicts.append({
+                        "entity_id": row["id"], "entity_type": kind, "client_clock": client,
+                        "server_clock": existing["vector_clock"],
+                        "client_content": row.get(field) if field else None,
+                        "server_content": existing.get(field) if field else None,
+                        "client_updated_at": _double_iso(row["updated_at"]),
+                        "server_updated_at": _double_iso(existing["updated_at"])})
+            accepted += verdict == "accepted"
+            rejected += verdict == "rejected"
+            if kind == "memory":
+                accepted_memories += verdict == "accepted"
+                rejected_memories += verdict == "rejected"
+        self._touch(device, now)
+        return 200, {"success": not conflicts, "status": "conflict" if conflicts else "partial" if rejected else "success",
+                     "accepted": accepted, "rejected": rejected, "accepted_memories": accepted_memories,
+                     "rejected_memories": rejected_memories, "accepted_sessions": 0, "rejected_sessions": 0,
+                     "conflicts": conflicts, "server_timestamp": _double_iso(now), "message": None,
+                     "pushed_items": []}
+
+    def _wire(self, kind, row):
+        fields = {"memory": self.MEMORY_FIELDS, "session": self.SESSION_FIELDS, "edge": self.EDGE_FIELDS}[kind]
+        out = {}
+        for field in fields:
+            value = row.get(field)
+            out[field] = _double_iso(value) if hasattr(value, "strftime") else value
+        if kind == "memory":
+            out.update(metadata={}, encrypted=False, visibility="team_read")
+        return out
+
+    def _visible(self, kind, user_id, namespaces):
+        if kind == "edge":
+            return list(self.edges.values())  # every tenant's edges (gap 7)
+        table = self.memories if kind == "memory" else self.sessions
+        return [r for r in table.values() if r.get("user_id") in (user_id, None)
+                and (not namespaces or r["namespace_id"] in namespaces)]
+
+    def pull(self, user_id, body, now):
+        device = body.get("device_id")
+        if not isinstance(device, str):
+            return self._missing(("body", "device_id"))
+        since = _double_ts(body["since_timestamp"]) if body.get("since_timestamp") else None
+        limit, offset = int(body.get("limit") or 1000), int(body.get("offset") or 0)
+        namespaces = body.get("namespace_ids")
+        lists = {}
+        for kind, plural in (("memory", "memories"), ("session", "sessions"), ("edge", "edges")):
+            rows = [r for r in self._visible(kind, user_id, namespaces) if since is None or r["updated_at"] > since]
+            order = (lambda r: (r["updated_at"], r["from_id"], r["to_id"])) if kind == "edge" else \
+                (lambda r: (r["updated_at"], r["id"]))
+            rows.sort(key=order)
+            lists[plural] = [self._wire(kind, r) for r in rows[offset:offset + limit]]
+        self._touch(device, now)
+        has_more = any(len(v) >= limit for v in lists.values())
+        return 200, dict(success=True, **lists, server_timestamp=_double_iso(now), has_more=has_more,
+                         next_cursor=None,
+                         next_offset=offset + sum(len(v) for v in lists.values()) if has_more else 0)
+
+    def diff(self, user_id, body, now):
+        missing = {"memories": [], "sessions": [], "edges": []}
+        deleted = {"memories": [], "sessions": [], "edges": []}
+        server_missing = {"memories": [], "sessions": [], "edges": []}
+        updated = 0
+        for kind, plural in (("memory", "memories"), ("session", "sessions"), ("edge", "edges")):
+            entries = [e for e in body.get(plural) or [] if isinstance(e, dict) and isinstance(e.get("id"), str)]
+            hashes = {e["id"]: e.get("content_hash") for e in entries}
+            gone = {e["id"]: e["deleted_at"] for e in entries if e.get("deleted_at")}
+            seen = set()
+            for row in self._visible(kind, user_id, body.get("namespace_ids")):
+                row_id = f"{row['from_id']}:{row['to_id']}:{row['relation']}" if kind == "edge" else row["id"]
+                seen.add(row_id)
+                if row["deleted_at"]:
+                    if row_id in hashes:
+                        deleted[plural].append(row_id)
+                elif row_id in gone:  # rule 2: the manifest deletes, clock untouched
+                    row["deleted_at"], row["updated_at"] = _double_ts(gone[row_id]), now
+                elif kind != "memory":
+                    if row_id not in hashes:
+                        missing[plural].append(self._wire(kind, row))
+                elif hashes.get(row_id) is None:
+                    missing[plural].append(self._wire(kind, row))
+                elif hashes[row_id] != row["content_hash"]:
+                    missing[plural].append(self._wire(kind, row))
+                    updated += 1
+            server_missing[plural] = [i for i in hashes if i not in seen and i not in gone]
+        self._touch(body.get("device_id"), now)
+        return 200, {
+            "success": True, **{f"missing_{k}": v for k, v in missing.items()},
+            **{f"deleted_{k[:-1] if k != 'memories' else 'memory'}_ids": v for k, v in deleted.items()},
+            **{f"server_missing_{k[:-1] if k != 'memories' else 'memory'}_ids": v for k, v in server_missing.items()},
+            "total_missing": sum(len(v) for v in missing.values()), "total_updated": updated,
+            "total_deleted": sum(len(v) for v in deleted.values()),
+            "total_server_missing": sum(len(v) for v in server_missing.values()),
+            "server_timestamp": _double_iso(now), "has_more": False, "next_offset": 0}
+
+
+class DoubleServer(AnchorServer):
+    """A CloudDouble served on 127.0.0.1 (port 0) by the stdlib, one thread per request."""
+
+    def __init__(self):
+        from socketserver import ThreadingMixIn
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, *args):
+                pass
+
+        class Threading(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+
+        admin = "ctxfs_DOUBLE-admin-key-" + uuid.uuid4().hex
+        self.app = CloudDouble(admin)
+        self.httpd = make_server("127.0.0.1", 0, self.app, server_class=Threading, handler_class=Quiet)
+        super().__init__(f"http://127.0.0.1:{self.httpd.server_port}", admin)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def cloud_double():
+    """A CloudDouble on 127.0.0.1 shared by a test module (each test makes its own user)."""
+    server = DoubleServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["double", "anchor"])
+def contextfs_cloud(request):
+    """ContextFS Cloud: its in-suite double, and the real server when CONTEXTFS_ANCHOR_URL is set."""
+    return request.getfixturevalue("cloud_double" if request.param == "double" else "anchor_server")

@@ -1067,8 +1067,11 @@ class ServerApp:
                 "is_admin": False}
 
     def encryption_salt(self, user: dict, body: Any, ip: str) -> dict:
-        """GET /api/auth/encryption-salt: one salt per user, so all their devices derive one key."""
-        return {"salt": user["e2ee_salt"]}
+        """GET /api/auth/encryption-salt: none, as on ContextFS Cloud without E2EE. A salt here
+        turns the public client's automatic encryption on (with a key derived from each API
+        key, which other devices cannot share); our clients salt their passphrase key with
+        the account id instead (protocol.md §9)."""
+        raise _HTTPError(404, "No encryption salt configured for this API key")
 
     def subscription(self, user: dict, body: Any, ip: str) -> dict:
         """GET /api/billing/subscription: a self-hosted server has no limits."""

@@ -550,6 +550,9 @@ def decide_incoming(local_clock: Optional[Clock], local_dirty: bool,
     return APPLY_SKIP if same else APPLY_CONFLICT
 
 
+_COPY_ID = re.compile(r"^(.+)_local(?:_[0-9]+)?$")  # what conflict_copy_id() names
+
+
 def conflict_copy_id(memory_id: str, taken: Callable[[str], bool]) -> str:
     """``<id>_local``, or ``<id>_local_2``, ``_3``, … when that id is already taken."""
     candidate = f"{memory_id}_local"
@@ -590,6 +593,7 @@ class Op:
     row: Any = None
     copy: Any = None
     deletes_live: bool = False   # writes a tombstone over a live local memory (mass-delete guard)
+    quiet: bool = False          # only the clock moves (say, our own write echoed with a server tick)
 
     @property
     def changes_local(self) -> bool:
@@ -621,7 +625,7 @@ def plan_push(kind: str, rows: Iterable[Any], local_only_ids: Container[str] = f
 
 def plan_page(page: Dict[str, List[Any]], local_rows: Dict[str, Dict[str, Any]], taken_ids: Container[str],
               device: str = "", drops_metadata: bool = False,
-              known_memory_ids: Optional[Container[str]] = None) -> List[Op]:
+              known_memory_ids: Optional[Container[str]] = None, copies_by_id: bool = False) -> List[Op]:
     """The local writes for one pulled page (sessions, memories, then edges), over plain data.
 
     ``local_rows`` holds the local version of every id in the page (by kind); ``taken_ids``
@@ -630,7 +634,9 @@ def plan_page(page: Dict[str, List[Any]], local_rows: Dict[str, Dict[str, Any]],
     ``X``). ``drops_metadata`` says the server is known to store no metadata: its empty object
     then never replaces ours, and neither does the empty echo of our own write (``device``).
     Edges are kept only when both ends are memories of this account: ``known_memory_ids``
-    (the store's) or this page's; None accepts every edge.
+    (the store's) or this page's; None accepts every edge. ``copies_by_id``: the server may
+    have dropped the ``conflict_of`` mark (ContextFS Cloud stores no metadata), so a live row
+    named ``<id>_local[_N]`` that is new here is taken for the conflict copy it is.
     """
     ops: List[Op] = []
     page_ids = {kind: {obj.id for obj in page.get(kind, ())} for kind in ("memory", "session")}
@@ -652,10 +658,18 @@ def plan_page(page: Dict[str, List[Any]], local_rows: Dict[str, Dict[str, Any]],
                 # A server that drops metadata echoes {} for what we wrote: keep ours.
                 cloud.metadata = dict(local.metadata)
                 cloud.conflict_of = cloud.conflict_of or local.conflict_of
+            if copies_by_id and kind != "edge" and cloud.conflict_of is None and cloud.deleted_at is None:
+                # Only a row new here, or one this device already holds as a copy, is marked: a
+                # copy resolved here by editing it stays resolved here.
+                base = _COPY_ID.match(cloud.id)
+                if base is not None and (local is None or local.conflict_of is not None):
+                    cloud.conflict_of = local.conflict_of if local is not None else base.group(1)
             verdict = decide_incoming(local.vector_clock if local is not None else None,
                                       bool(local is not None and local.dirty),
                                       lambda: same_version(kind, local, cloud), cloud.vector_clock)
             op = Op(verdict, kind, cloud.id, cloud)
+            if verdict == APPLY_OVERWRITE and same_version(kind, local, cloud):
+                op.quiet = True  # written (the clock), but nothing new to report
             if verdict == APPLY_CONFLICT and kind != "edge":
                 if local.deleted_at is not None and cloud.deleted_at is None:
                     op.op = APPLY_DELETE_UNDONE  # our delete raced an edit: keep the edit, say so
@@ -2519,9 +2533,12 @@ def search_memories(store: Store, query: str, limit: int = 10, type: Optional[st
 # ---- 8. crypto ---------------------------------------------------------------------------
 # Wire format (protocol.md §9): AES-256-GCM, 12-byte random nonce, no AAD, base64url WITH '='
 # padding of nonce‖ciphertext‖tag, "encrypted": true, content_hash over the plaintext.
-# Our key: scrypt over the user's passphrase, salted with the account's salt from
-# GET /api/auth/encryption-salt — the same on every device and never sent. The anchor's
-# HKDF-over-the-API-key derivation is kept for compatibility (and its test vector).
+# Our key: scrypt over the user's passphrase, salted with a salt made from the account's id
+# (GET /api/auth/me) — the same on every device of the account, on any server, and never sent.
+# Not the server's /api/auth/encryption-salt: ContextFS Cloud gives each API key its own salt
+# (so two devices would derive two keys), and a salt there switches the public client's
+# automatic encryption on. The public client's HKDF-over-the-API-key key is still derived, to
+# read what it encrypted (and checked against its test vector).
 
 E2EE_EXTRA_HINT = "pip install 'contextfs-sync[e2ee]'"
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2 ** 15, 8, 1
@@ -2549,6 +2566,14 @@ def _aesgcm() -> Any:
     except ImportError:
         raise CryptoError(f"End-to-end encryption needs the e2ee extra: {E2EE_EXTRA_HINT}") from None
     return AESGCM
+
+
+def account_salt(user_id: str) -> str:
+    """The scrypt salt of an account's passphrase key: a hash of its user id (base64url)."""
+    import hashlib
+
+    return b64url_encode(hashlib.sha256(b"contextfs-sync e2ee salt v1\0" + user_id.encode("utf-8")).digest(),
+                         pad=False)
 
 
 def derive_passphrase_key(passphrase: str, salt: str) -> bytes:
@@ -3008,6 +3033,7 @@ class SyncEngine:
         # in this same run sets it, so a store without a cursor (lost sync.db) still gets all.
         self._own_seqs: Optional[Tuple[int, int]] = None
         self._anchor_keys: Optional[List[bytes]] = None
+        self._cursorless = False  # the server pages by time (ContextFS Cloud), learned per pull
         self._keys_lock = threading.Lock()
         self._damaged = 0  # pulled memories whose content did not match their hash
 
@@ -3252,6 +3278,7 @@ class SyncEngine:
                 if next_cursor is not None and not isinstance(next_cursor, str):
                     next_cursor = str(next_cursor)
                 timestamp_server = timestamp_server or next_cursor is None
+                self._cursorless = timestamp_server  # not our server: it may drop conflict marks
                 page_cursor = next_cursor  # stored with this page (None from anchor servers)
                 more, problem = bool(response.get("has_more")), None
                 next_offset = 0
@@ -3316,7 +3343,8 @@ class SyncEngine:
         """Plan one page against the store, check the mass-delete guard, apply it (or, in a dry
         run, record the plan)."""
         store = self.store
-        page = dict(page, memory=self._vet_memories(page.get("memory", [])))
+        page = dict(page)
+        page["memory"] = self._vet_memories(page.get("memory", []), page.pop("unverified", None))
         local_rows = {kind: store.local_versions(kind, [obj.id for obj in objs]) if objs else {}
                       for kind, objs in page.items()}
         taken = _TakenIds(store)
@@ -3324,7 +3352,8 @@ class SyncEngine:
         edges = page.get("edge", [])
         known = store.existing_ids("memory", [e.from_id for e in edges] + [e.to_id for e in edges]) if edges else set()
         ops = plan_page(page, local_rows, taken, device=store.device_id,
-                        drops_metadata=self._drops_metadata(), known_memory_ids=known)
+                        drops_metadata=self._drops_metadata(), known_memory_ids=known,
+                        copies_by_id=self._cursorless)
         for op in ops:
             if op.op == APPLY_IGNORE:
                 if hold and len(self._held_edges) < PULL_MAX_HELD_EDGES:
@@ -3334,7 +3363,7 @@ class SyncEngine:
                 continue
             if op.deletes_live:
                 self._deletions += 1
-            if op.op != APPLY_SETTLE:
+            if op.op != APPLY_SETTLE and not op.quiet:
                 report.pulled[_WIRE_LISTS[op.kind]] += 1
             if op.copy is not None:
                 report.conflicts.append((op.id, op.copy.id))
@@ -3390,7 +3419,11 @@ class SyncEngine:
             self._live_before = self.store.live_memory_count() - self._live_delta
         return self._live_before
 
-    def _parse_page(self, response: dict) -> Dict[str, List[Any]]:
+    @staticmethod
+    def _parse_page(response: dict) -> Dict[str, List[Any]]:
+        """A pull response as rows by kind, plus ``"unverified"``: the positions of memories whose
+        content does not simply match its hash (they need _readable). Pure, so it runs on the
+        prefetch worker: hashing every pulled text there overlaps the applying thread's writes."""
         page: Dict[str, List[Any]] = {}
         for kind, (_table, cls, _cols) in _KINDS.items():
             items = response.get(_WIRE_LISTS[kind]) or []
@@ -3400,13 +3433,19 @@ class SyncEngine:
                 page[kind] = [cls.from_wire(item) for item in items]
             except ValueError as exc:
                 raise ServerError(f"Invalid {kind} in the pull response ({exc}); nothing was applied") from None
+        page["unverified"] = [n for n, memory in enumerate(page["memory"]) if not _hash_matches(memory)]
         return page
 
-    def _vet_memories(self, memories: List[Memory]) -> List[Memory]:
+    def _vet_memories(self, memories: List[Memory], unverified: Optional[List[int]] = None) -> List[Memory]:
         """The pulled memories that may be stored, decrypted; learns whether the server drops
         metadata. Reads the store, so it runs on the applying thread, never on the prefetch
-        worker (one SQLite connection is not to be used from two threads at once)."""
-        readable = [memory for memory in memories if self._readable(memory)]
+        worker (one SQLite connection is not to be used from two threads at once).
+        ``unverified`` (from _parse_page) names the only ones that need a closer look."""
+        if unverified is None:
+            readable = [memory for memory in memories if self._readable(memory)]
+        else:
+            suspect = set(unverified)
+            readable = [memory for n, memory in enumerate(memories) if n not in suspect or self._readable(memory)]
         self._learn_metadata_drop(readable)
         return readable
 
@@ -3432,9 +3471,9 @@ class SyncEngine:
         that does not match its hash is tried as ciphertext with every key this device has:
         the passphrase key, then the public client's key derived from our API key.
         """
-        expected = memory.content_hash
-        if not memory.encrypted and (not expected or content_hash(memory.content) == expected):
+        if _hash_matches(memory):
             return True
+        expected = memory.content_hash
         if memory.deleted_at is not None and not memory.content:
             memory.encrypted, memory.content_hash = False, content_hash("")
             return True
@@ -3488,6 +3527,13 @@ class _TakenIds:
         return row_id in self.memories or row_id in self.sessions
 
 
+def _hash_matches(memory: "Memory") -> bool:
+    """True when a pulled memory's content is plaintext that matches its content_hash (or it
+    carries no hash to check): it can be stored as it is."""
+    expected = memory.content_hash
+    return not memory.encrypted and (not expected or content_hash(memory.content) == expected)
+
+
 def _looks_like_ciphertext(text: str) -> bool:
     """Whether content has the wire form of sealed content (base64url of nonce‖ciphertext‖tag)."""
     return len(text) >= 40 and re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", text) is not None
@@ -3537,9 +3583,16 @@ def cloud_status(home: Optional[Path] = None, remote: bool = True) -> dict:
                 with _client_for(cfg) as client:
                     client.retries = 1
                     server = client.status(store.device_id)
-                status["server"] = {k: server.get(k) for k in (
-                    "memory_count", "session_count", "edge_count", "pending_pull_count", "last_sync_at")
-                    if k in server}
+                keys = ["memory_count", "session_count", "edge_count", "pending_pull_count", "last_sync_at"]
+                if "memory_count" not in server:
+                    # ContextFS Cloud counts every tenant's memories there (protocol.md gap 9).
+                    keys.remove("pending_pull_count")
+                status["server"] = {k: server.get(k) for k in keys if k in server}
+            except ServerError as exc:
+                if exc.status == 404 and "not registered" in exc.detail.lower():
+                    status["server"] = {"registered": False}
+                else:
+                    status["server"] = {"error": exc.message}
             except ContextFSError as exc:
                 status["server"] = {"error": exc.message}
     return status
@@ -4543,6 +4596,14 @@ def cmd_cloud_login(args: argparse.Namespace) -> int:
         except AuthError:
             raise AuthError("The server rejected that API key (nothing was saved). "
                             "Check the key, or run: contextfs cloud login --email YOU@EXAMPLE.COM") from None
+        # Register now, as the public client does: ContextFS Cloud answers status only for
+        # registered devices. A refusal (say, its device limit) is said, not fatal: syncs retry.
+        try:
+            with open_store(cfg.home) as store:
+                register_device(client, store.device_id)
+        except ServerError as exc:
+            print(f"Note: this device is not registered yet ({exc.detail or exc.message}); "
+                  "the next sync tries again", file=sys.stderr)
     cfg.set("cloud", "api_key", key)
     if args.server:
         cfg.set("cloud", "server_url", server)
@@ -4582,7 +4643,11 @@ def cmd_cloud_configure(args: argparse.Namespace) -> int:
         if not cfg.api_key:
             raise NotConfigured(MSG_NO_KEY)
         with _client_for(cfg) as client:
-            salt = client.encryption_salt()
+            user_id = client.me().get("id")
+        if not isinstance(user_id, str) or not user_id:
+            raise ServerError(f"{cfg.server_url} did not say which account this API key belongs to "
+                              "(GET /api/auth/me); E2EE needs it")
+        salt = account_salt(user_id)
         passphrase = _read_secret("E2EE passphrase (the same on every device): ", args.passphrase_stdin)
         if not args.passphrase_stdin and sys.stdin.isatty():
             if _read_secret("Repeat the passphrase: ", False) != passphrase:
@@ -4649,6 +4714,8 @@ def cmd_cloud_status(args: argparse.Namespace) -> int:
     server = status["server"]
     if server and "error" in server:
         print(f"Server state: unavailable ({server['error']})")
+    elif server and server.get("registered") is False:
+        print("Server state: reachable; this device is not registered yet (the next sync registers it)")
     elif server:
         counts = ", ".join(f"{server[k]} {k.split('_')[0]}s" for k in ("memory_count", "session_count", "edge_count")
                            if k in server)

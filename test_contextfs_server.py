@@ -94,9 +94,10 @@ def test_get_endpoints_shapes(ref_server, two_users):
     alice, bob = two_users
     me = api(ref_server, "/api/auth/me", key=alice).json()
     assert set(me) == {"id", "email", "name", "provider", "is_admin"} and me["name"] == "Alice"
-    salt_a = api(ref_server, "/api/auth/encryption-salt", key=alice).json()["salt"]
-    salt_b = api(ref_server, "/api/auth/encryption-salt", key=bob).json()["salt"]
-    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", salt_a) and salt_a != salt_b
+    # No salt, as on ContextFS Cloud without E2EE: a salt would switch the public client's
+    # automatic encryption on, under keys other devices cannot derive (issue 11, item 6).
+    salt = api(ref_server, "/api/auth/encryption-salt", key=alice)
+    assert salt.status_code == 404 and salt.json() == {"detail": "No encryption salt configured for this API key"}
     assert api(ref_server, "/api/billing/subscription", key=alice).json() == {
         "tier": "self-hosted", "status": "active", "device_limit": -1, "memory_limit": -1,
         "current_period_end": None}
@@ -486,8 +487,8 @@ def test_login_success_failure_and_rate_limit(tmp_path):
         new_key = body["apiKey"]
         assert re.fullmatch(r"ctxfs_[A-Za-z0-9_-]{43}", new_key) and new_key != first_key
         assert api(server, "/api/auth/me", key=new_key).json()["email"] == "dana@example.com"
-        salts = {api(server, "/api/auth/encryption-salt", key=k).json()["salt"] for k in (first_key, new_key)}
-        assert len(salts) == 1  # one salt per user: every device derives the same E2EE key
+        ids = {api(server, "/api/auth/me", key=k).json()["id"] for k in (first_key, new_key)}
+        assert len(ids) == 1  # one account id: every device salts its E2EE key the same
         missing = api(server, "/api/auth/login", {"email": "dana@example.com"})
         assert missing.status_code == 422
         wrong = {"detail": "Invalid email or password"}
