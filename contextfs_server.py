@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from contextfs_sync import (
     MAX_ID_CHARS, Clock, ContextFSError, Edge, Memory, ServerError, Session, UsageError, __version__,
-    clock_compare, clock_merge, format_ts, normalize_ts, nul_path, parse_ts, utc_now,
+    clock_compare, clock_merge, clock_tick, format_ts, normalize_ts, nul_path, parse_ts, utc_now,
 )
 
 __all__ = ["create_app", "ServerApp", "SQLiteStorage", "open_storage", "add_user", "make_server", "MAX_BODY"]
@@ -547,6 +547,23 @@ class SQLiteStorage:
         conn.execute("INSERT INTO api_keys (id, user_id, name, key_hash, key_prefix, is_active, created_at) "
                      "VALUES (:id, :user_id, :name, :key_hash, :key_prefix, 1, :created_at)", key)
 
+    def list_keys(self, user_id: str, hidden_names: Tuple[str, ...]) -> List[dict]:
+        """This user's API keys (never their hashes), oldest first, without those named in
+        ``hidden_names`` (the login sessions' keys)."""
+        marks = ", ".join("?" * len(hidden_names)) or "NULL"
+        return [dict(r) for r in self._conn().execute(
+            "SELECT id, name, key_prefix, is_active, created_at, last_used_at FROM api_keys "
+            f"WHERE user_id = ? AND coalesce(name, '') NOT IN ({marks}) ORDER BY created_at, id",
+            (user_id,) + tuple(hidden_names))]
+
+    def end_key(self, user_id: str, key_id: str, delete: bool) -> bool:
+        """Revoke (deactivate) or delete one of this user's API keys; False if it has no such key."""
+        conn = self._conn()
+        with _Tx(conn, immediate=True):
+            sql = ("DELETE FROM api_keys WHERE id = ? AND user_id = ?" if delete
+                   else "UPDATE api_keys SET is_active = 0 WHERE id = ? AND user_id = ?")
+            return conn.execute(sql, (key_id, user_id)).rowcount > 0
+
     def user_by_email(self, email: str) -> Optional[dict]:
         """The user with this (normalised) email, with its password hash and salt, or None."""
         row = self._conn().execute("SELECT * FROM users WHERE email = ?", (email,)).fetchone()
@@ -764,15 +781,15 @@ class SQLiteStorage:
         return lists, has_more, top, timestamp
 
     def manifest_rows(self, user_id: str, namespaces: Optional[List[str]]) -> Dict[str, List[dict]]:
-        """Every row of this user (``id``, ``content_hash``, ``deleted_at``, ``body``) by kind, in
-        seq order, from one snapshot."""
+        """Every row of this user (``id``, ``content_hash``, ``deleted_at``, ``vector_clock``,
+        ``body``) by kind, in seq order, from one snapshot."""
         conn = self._conn()
         out: Dict[str, List[dict]] = {}
         with _Tx(conn, immediate=False):
             for kind, (table, _key) in _TABLES.items():
                 ns_sql, ns_args = _namespace_filter(kind, namespaces)
                 out[kind] = [dict(r) for r in conn.execute(
-                    f"SELECT id, content_hash, deleted_at, body FROM {table} WHERE user_id = ?{ns_sql} "
+                    f"SELECT id, content_hash, deleted_at, vector_clock, body FROM {table} WHERE user_id = ?{ns_sql} "
                     f"ORDER BY seq", [user_id] + ns_args)]
         return out
 
@@ -934,6 +951,9 @@ class ServerApp:
             "/api/auth/login": {"POST": (self.login, False, True)},
             "/api/auth/me": {"GET": (self.me, True, False)},
             "/api/auth/encryption-salt": {"GET": (self.encryption_salt, True, False)},
+            "/api/auth/api-keys": {"GET": (self.list_keys, True, False), "POST": (self.create_key, True, True)},
+            "/api/auth/api-keys/revoke": {"POST": (self.revoke_key, True, True)},
+            "/api/auth/api-keys/{key_id}": {"DELETE": (self.delete_key, True, False)},
             "/api/billing/subscription": {"GET": (self.subscription, True, False)},
             "/api/sync/register": {"POST": (self.register, True, True)},
             "/api/sync/push": {"POST": (self.push, True, True)},
@@ -973,12 +993,21 @@ class ServerApp:
 
     def route(self, method: str, path: str) -> _Endpoint:
         """The endpoint for a request, or raise 404/405."""
-        methods = self.routes.get(path)
+        methods, key_id = self.routes.get(path), None
+        if methods is None:
+            match = re.fullmatch(r"/api/auth/api-keys/([A-Za-z0-9_.-]{1,100})", path)
+            if match is not None:
+                methods, key_id = self.routes["/api/auth/api-keys/{key_id}"], match.group(1)
         if methods is None:
             raise _HTTPError(404, "Not Found")
         if method not in methods:
             raise _HTTPError(405, "Method Not Allowed", {"Allow": ", ".join(sorted(methods))})
-        return methods[method]
+        handler, needs_auth, has_body = methods[method]
+        if key_id is not None:
+            import functools
+
+            handler = functools.partial(handler, key_id=key_id)
+        return handler, needs_auth, has_body
 
     def read_body(self, environ: Dict[str, Any]) -> bytes:
         """The request body: a Content-Length is required and at most ``max_body`` is read."""
@@ -1072,6 +1101,48 @@ class ServerApp:
         key, which other devices cannot share); our clients salt their passphrase key with
         the account id instead (protocol.md §9)."""
         raise _HTTPError(404, "No encryption salt configured for this API key")
+
+    # Keys made by logging in are the sessions' own; the key list leaves them out (protocol.md §5.4).
+    _SESSION_KEY_NAMES = ("Login Session", "OAuth Session", "Web Session", "CLI Session")
+
+    def list_keys(self, user: dict, body: Any, ip: str) -> dict:
+        """GET /api/auth/api-keys: this user's keys, masked (a prefix, never the key)."""
+        return {"keys": [dict(k, is_active=bool(k["is_active"]))
+                         for k in self.storage.list_keys(user["id"], self._SESSION_KEY_NAMES)]}
+
+    def create_key(self, user: dict, body: dict, ip: str) -> dict:
+        """POST /api/auth/api-keys {name, with_encryption}: a new key for this user, shown once.
+
+        No encryption key comes with it (see encryption_salt); the returned id is the stored
+        key's, so it can be revoked (the anchor returns another: protocol.md gap 22)."""
+        schema = _Schema()
+        name = schema.field(body, "name", ("body",), "str", required=True, nullable=False)
+        schema.field(body, "with_encryption", ("body",), "bool", default=True)
+        schema.raise_if_any()
+        key, record = _new_key(user["id"], str(name).strip()[:100] or "API key")
+        self.storage.add_key(record)
+        snippet = f"cloud:\n  enabled: true\n  api_key: {key}\n  server_url: <this server's URL>\n"
+        return {"id": record["id"], "name": record["name"], "api_key": key, "encryption_key": None,
+                "key_prefix": record["key_prefix"], "config_snippet": snippet}
+
+    def _end_key(self, user: dict, key_id: str, delete: bool) -> dict:
+        word = "delete" if delete else "revoke"
+        if key_id == user["key_id"]:
+            raise _HTTPError(400, f"Cannot {word} the API key currently in use")
+        if not self.storage.end_key(user["id"], key_id, delete):
+            raise _HTTPError(404, "API key not found")  # another user's key is "not found" too
+        return {"status": "deleted" if delete else "revoked"}
+
+    def revoke_key(self, user: dict, body: dict, ip: str) -> dict:
+        """POST /api/auth/api-keys/revoke {key_id}: the key stops working."""
+        schema = _Schema()
+        key_id = schema.field(body, "key_id", ("body",), "str", required=True, nullable=False)
+        schema.raise_if_any()
+        return self._end_key(user, str(key_id), delete=False)
+
+    def delete_key(self, user: dict, body: Any, ip: str, key_id: str = "") -> dict:
+        """DELETE /api/auth/api-keys/{key_id}: the key is removed."""
+        return self._end_key(user, key_id, delete=True)
 
     def subscription(self, user: dict, body: Any, ip: str) -> dict:
         """GET /api/billing/subscription: a self-hosted server has no limits."""
@@ -1215,15 +1286,18 @@ class ServerApp:
                ("storage_id", self.storage.storage_id()), ("top_seq", top_seq)])
 
     def diff(self, user: dict, body: dict, ip: str) -> dict:
-        """POST /api/sync/diff: compare a client manifest with this user's rows (read-only).
+        """POST /api/sync/diff: compare a client manifest with this user's rows.
 
-        Unlike the anchor, a manifest ``deleted_at`` never tombstones a server row here (its
-        rule 2): a manifest carries no clock, so a stale device could delete newer edits.
-        Deletes travel by push, where the clock rule applies.
+        A manifest memory with ``deleted_at`` deletes the server's row (the anchor's rule 2:
+        the public client sends its deletes no other way) only when its ``content_hash`` is
+        the one stored: the device deleted the version the server holds, so the tombstone is
+        causally after it and goes in through the push clock rule (ticked for the device). A
+        stale device whose copy predates a newer edit deletes nothing: the edit wins, as in a
+        delete-against-edit conflict.
         """
         server_timestamp = utc_now()
         schema = _Schema()
-        schema.ident(body, "device_id", ("body",))
+        device_id = schema.ident(body, "device_id", ("body",))
         namespaces = schema.str_list(body, "namespace_ids", ("body",))
         manifests: Dict[str, Dict[str, dict]] = {}
         for kind, plural in WIRE_LISTS.items():
@@ -1244,6 +1318,9 @@ class ServerApp:
         out: Dict[str, Any] = {"success": True}
         totals = {"total_missing": 0, "total_updated": 0, "total_deleted": 0, "total_server_missing": 0}
         stored = self.storage.manifest_rows(user["id"], namespaces)
+        # A row deleted here was live at the hash the manifest has: the loop below reports
+        # nothing for it either way (the anchor reports nothing for its rule 2 either).
+        self._apply_manifest_deletes(user["id"], device_id, manifests["memory"], stored["memory"], server_timestamp)
         for kind, plural in WIRE_LISTS.items():
             manifest = manifests[kind]
             missing: List[dict] = []
@@ -1271,6 +1348,24 @@ class ServerApp:
             totals["total_server_missing"] += len(server_missing)
         out.update(totals, server_timestamp=server_timestamp, has_more=False, next_offset=0)
         return out
+
+    def _apply_manifest_deletes(self, user_id: str, device_id: str, manifest: Dict[str, dict],
+                                rows: List[dict], now: str) -> int:
+        """Tombstone the live memories a manifest lists as deleted at the stored hash; how many."""
+        items: List[PushItem] = []
+        for row in rows:
+            entry = manifest.get(row["id"])
+            if (entry is None or not entry["deleted_at"] or row["deleted_at"]
+                    or not entry["content_hash"] or entry["content_hash"] != row["content_hash"]):
+                continue
+            obj = json.loads(row["body"])
+            obj.update(deleted_at=entry["deleted_at"], updated_at=now,
+                       vector_clock=clock_tick(json.loads(row["vector_clock"] or "{}"), device_id))
+            items.append(("memory",) + _stored_entity("memory", obj))
+        if not items:
+            return 0
+        outcomes, _seqs = self.storage.push(user_id, device_id, items, push_verdict, now)
+        return sum(verdict == "accepted" for verdict, _clock, _conflict in outcomes)
 
     def status(self, user: dict, body: dict, ip: str) -> dict:
         """POST /api/sync/status: this device's sync state and this user's row counts."""

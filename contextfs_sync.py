@@ -207,17 +207,23 @@ def clock_merge(a: Clock, b: Clock) -> Clock:
 
 
 def clock_tick(clock: Clock, device_id: str, now: Optional[float] = None) -> Clock:
-    """A copy of ``clock`` with this device's entry set to ``max(previous + 1, Unix seconds)``.
+    """A copy of ``clock`` with this device's entry set to ``max(previous + 2, Unix seconds)``.
 
     Syncthing's rule for version vectors: a counter that also tracks the wall clock never
     repeats, even when the store it lives in is rolled back (a home restored from a backup,
     a power cut that loses the end of the WAL). A rolled-back device would otherwise mint
     ``{D: 2}`` a second time for a different text, and every device that already holds the
-    first ``{D: 2}`` would take the second for the version it has. ``now`` is for tests.
+    first ``{D: 2}`` would take the second for the version it has.
+
+    The step is 2, not 1: ContextFS Cloud adds 1 to the pushing device's entry when it
+    inserts a row (protocol.md gap 15) and does not say so, so a write made before that row's
+    echo is pulled (within a second of the first push) would mint the server's value again,
+    for another text; the server overwrites on equal clocks, and every other device would see
+    equal clocks with different text. ``now`` is for tests.
     """
     ticked = dict(clock)
     seconds = int(time.time() if now is None else now)
-    ticked[device_id] = max(ticked.get(device_id, 0) + 1, seconds)
+    ticked[device_id] = max(ticked.get(device_id, 0) + 2, seconds)
     return ticked
 
 
@@ -674,9 +680,15 @@ def plan_page(page: Dict[str, List[Any]], local_rows: Dict[str, Dict[str, Any]],
                 if local.deleted_at is not None and cloud.deleted_at is None:
                     op.op = APPLY_DELETE_UNDONE  # our delete raced an edit: keep the edit, say so
                 elif local.deleted_at is None:
-                    copy_id = conflict_copy_id(cloud.id, taken)
+                    # Two devices' copies of one conflict may meet under the same name (each
+                    # chose X_local before it saw the other's): ours becomes X_local_2, a copy
+                    # of X like the other, never a copy of a copy.
+                    original = cloud.id
+                    if local.conflict_of is not None and cloud.conflict_of == local.conflict_of:
+                        original = local.conflict_of
+                    copy_id = conflict_copy_id(original, taken)
                     chosen.add(copy_id)
-                    op.copy = _conflict_copy(local, copy_id, cloud.id, device)
+                    op.copy = _conflict_copy(local, copy_id, original, device)
             if kind == "memory" and cloud.deleted_at is not None and local is not None \
                     and local.deleted_at is None and op.changes_local and verdict != APPLY_SETTLE:
                 op.deletes_live = True

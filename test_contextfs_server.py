@@ -65,7 +65,8 @@ def test_add_user_prints_key_once_and_stores_only_hashes(ref_server):
 @pytest.mark.parametrize("method,path", [
     ("GET", "/api/auth/me"), ("GET", "/api/auth/encryption-salt"), ("GET", "/api/billing/subscription"),
     ("POST", "/api/sync/register"), ("POST", "/api/sync/push"), ("POST", "/api/sync/pull"),
-    ("POST", "/api/sync/diff"), ("POST", "/api/sync/status")])
+    ("POST", "/api/sync/diff"), ("POST", "/api/sync/status"), ("GET", "/api/auth/api-keys"),
+    ("POST", "/api/auth/api-keys"), ("POST", "/api/auth/api-keys/revoke"), ("DELETE", "/api/auth/api-keys/some-id")])
 @pytest.mark.parametrize("bad_key", [None, "", "not-a-ctxfs-key", "ctxfs_" + "A" * 43])
 def test_protected_routes_reject_missing_malformed_and_wrong_keys(ref_server, method, path, bad_key):
     body = {"device_id": "dev-x"} if method == "POST" else None
@@ -88,6 +89,37 @@ def test_check_order_json_syntax_then_auth_then_schema(ref_server, two_users):
         in schema.json()["detail"]
     not_object = api(ref_server, "/api/sync/pull", [1, 2], key=alice)
     assert not_object.status_code == 422 and not_object.json()["detail"][0]["loc"] == ["body"]
+
+
+def test_api_keys_list_create_revoke_delete_per_user(ref_server, two_users):
+    """protocol.md §5.4, as the public client's `cloud api-key list/create/revoke` uses it."""
+    alice, bob = two_users
+    made = api(ref_server, "/api/auth/api-keys", {"name": "ci runner", "with_encryption": True}, key=alice).json()
+    assert set(made) == {"id", "name", "api_key", "encryption_key", "key_prefix", "config_snippet"}
+    assert made["encryption_key"] is None and made["key_prefix"] == made["api_key"][6:14]
+    assert made["api_key"] in made["config_snippet"]
+    new_key = made["api_key"]
+    assert api(ref_server, "/api/auth/me", key=new_key).json()["name"] == "Alice"
+    listed = api(ref_server, "/api/auth/api-keys", key=alice).json()["keys"]
+    assert [k["name"] for k in listed if k["id"] == made["id"]] == ["ci runner"]  # the stored id (gap 22)
+    assert all(set(k) == {"id", "name", "key_prefix", "is_active", "created_at", "last_used_at"} for k in listed)
+    assert new_key not in json.dumps(listed)
+    assert made["id"] not in json.dumps(api(ref_server, "/api/auth/api-keys", key=bob).json())
+    # Another user's key is not found; the key in use cannot revoke itself.
+    assert api(ref_server, "/api/auth/api-keys/revoke", {"key_id": made["id"]}, key=bob).status_code == 404
+    assert api(ref_server, f"/api/auth/api-keys/{made['id']}", key=bob, method="DELETE").status_code == 404
+    itself = api(ref_server, "/api/auth/api-keys/revoke", {"key_id": made["id"]}, key=new_key)
+    assert itself.status_code == 400 and itself.json() == {"detail": "Cannot revoke the API key currently in use"}
+    assert api(ref_server, "/api/auth/api-keys/revoke", {"key_id": made["id"]}, key=alice).json() == {
+        "status": "revoked"}
+    assert api(ref_server, "/api/auth/me", key=new_key).status_code == 401
+    assert [k["is_active"] for k in api(ref_server, "/api/auth/api-keys", key=alice).json()["keys"]
+            if k["id"] == made["id"]] == [False]
+    assert api(ref_server, f"/api/auth/api-keys/{made['id']}", key=alice, method="DELETE").json() == {
+        "status": "deleted"}
+    assert made["id"] not in json.dumps(api(ref_server, "/api/auth/api-keys", key=alice).json())
+    missing = api(ref_server, "/api/auth/api-keys", {"with_encryption": False}, key=alice)
+    assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["body", "name"]
 
 
 def test_get_endpoints_shapes(ref_server, two_users):
@@ -329,7 +361,7 @@ def test_users_are_isolated_even_with_the_same_ids(ref_server):
     assert (a_status["memory_count"], a_status["session_count"], a_status["edge_count"]) == (2, 1, 1)
 
 
-def test_diff_follows_rules_and_is_read_only(ref_server):
+def test_diff_follows_rules_and_applies_only_informed_deletes(ref_server):
     key = ref_server.add_user()
     from contextfs_sync import content_hash
     push(ref_server, key, memories=[mem("same", "one"), mem("changed", "server text"),
@@ -339,7 +371,8 @@ def test_diff_follows_rules_and_is_read_only(ref_server):
          edges=[{"from_id": "same", "to_id": "changed", "relation": "r"}])
     manifest = {"device_id": dev(key, "d"),
                 "memories": [{"id": "same", "content_hash": content_hash("one"), "deleted_at": "2025-02-01T00:00:00Z"},
-                             {"id": "changed", "content_hash": content_hash("client text")},
+                             {"id": "changed", "content_hash": content_hash("client text"),
+                              "deleted_at": "2025-02-01T00:00:00Z"},
                              {"id": "gone", "content_hash": content_hash("x")},
                              {"id": "nohash", "content_hash": None},
                              {"id": "client-only", "content_hash": "abc"},
@@ -357,8 +390,16 @@ def test_diff_follows_rules_and_is_read_only(ref_server):
     assert (diff["total_missing"], diff["total_updated"], diff["total_deleted"], diff["total_server_missing"]) \
         == (5, 1, 2, 3)
     assert diff["has_more"] is False and diff["next_offset"] == 0 and diff["success"] is True
-    # Read-only: the manifest's deleted_at for "same" did not tombstone the server row.
-    assert server_rows(ref_server, key)[("memories", "same")]["deleted_at"] is None
+    # The public client deletes only through a manifest (issue 11, item 7): "same" was deleted
+    # at the version the server holds, so it is a tombstone now, ticked for that device and
+    # sent to every other device; "changed" was deleted at an older version, so the newer
+    # edit wins and stays.
+    rows = server_rows(ref_server, key)
+    same = rows[("memories", "same")]
+    assert same["deleted_at"] == "2025-02-01T00:00:00.000000Z" and same["content"] == ""
+    assert same["vector_clock"][dev(key, "d")] >= 1 and same["last_modified_by"] == dev(key, "d")
+    assert rows[("memories", "changed")]["deleted_at"] is None
+    assert rows[("memories", "changed")]["content"] == "server text"
     bad = api(ref_server, "/api/sync/diff", {"device_id": "d", "memories": [{"content_hash": "x"}]}, key=key)
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "memories", 0, "id"]
 

@@ -26,7 +26,7 @@ import pytest
 import contextfs_sync as cfs
 
 from conftest import (
-    CONTEXTFS, AnchorServer, RecordingProxy, _secret_parts, api, cli_env, cli_json, make_device, push, run_cli, server_rows,
+    CONTEXTFS, AnchorServer, http_client, RecordingProxy, _secret_parts, api, cli_env, cli_json, make_device, push, run_cli, server_rows,
     start_ref_server, sync,
 )
 
@@ -47,12 +47,12 @@ def test_clock_compare_table(a, b, expected):
 
 def test_clock_merge_and_tick():
     assert cfs.clock_merge({"a": 1, "b": 3}, {"a": 2, "c": 0}) == {"a": 2, "b": 3}
-    assert cfs.clock_tick({"a": 1}, "a", now=0) == {"a": 2}
-    assert cfs.clock_tick({}, "d", now=0) == {"d": 1}
+    assert cfs.clock_tick({"a": 1}, "a", now=0) == {"a": 3}  # 2: past ContextFS Cloud's insert tick
+    assert cfs.clock_tick({}, "d", now=0) == {"d": 2}
     # The counter follows the wall clock, so a store rolled back by a restore never
     # re-mints a version it already published.
     assert cfs.clock_tick({"a": 5, "b": 9}, "a", now=1_800_000_000) == {"a": 1_800_000_000, "b": 9}
-    assert cfs.clock_tick({"a": 1_800_000_005}, "a", now=1_800_000_000) == {"a": 1_800_000_006}
+    assert cfs.clock_tick({"a": 1_800_000_005}, "a", now=1_800_000_000) == {"a": 1_800_000_007}
 
 
 @pytest.mark.parametrize("local,dirty,same,cloud,expected", [
@@ -931,9 +931,10 @@ def test_resolve_conflict_both_ways_then_converge(two_devices, keep):
 def test_pull_pages_across_boundaries_with_equal_timestamps(tmp_path, two_devices, monkeypatch):
     server, key, laptop, desktop = two_devices
     store = cfs.open_store(laptop)
+    prefix = uuid.uuid4().hex[:8]             # ids are global on ContextFS Cloud: fresh ones each run
     with store.transaction():                 # 250 memories sharing one updated_at
         for i in range(250):
-            store._write("memory", cfs.Memory(id=f"m{i:04d}", content=f"same time {i}",
+            store._write("memory", cfs.Memory(id=f"m{prefix}{i:04d}", content=f"same time {i}",
                                               created_at="2025-01-05T10:00:00.000000Z",
                                               updated_at="2025-01-05T10:00:00.000000Z",
                                               vector_clock={store.device_id: 1}), dirty=True)
@@ -1392,6 +1393,78 @@ def test_cloud_first_sync_counts_no_echo_of_its_own_push_as_pulled(tmp_path, con
     assert sorted(m["metadata"]["n"] for m in cli_json(laptop, "list")) == [0, 1, 2]
 
 
+def test_cloud_backdated_memories_are_never_missed(tmp_path, contextfs_cloud):
+    """ContextFS Cloud pages by the client's updated_at: a memory pushed with an old timestamp
+    (made offline, imported, a slow clock) is behind the cursors of devices that synced in
+    between. The content-addressed reconcile (/api/sync/diff) brings it anyway."""
+    key, (laptop, desktop) = _anchor_homes(tmp_path, contextfs_cloud, "laptop", "desktop")
+    cli_json(laptop, "save", "first")
+    sync(laptop), sync(desktop)
+    store = cfs.open_store(laptop)
+    try:
+        with store.transaction():
+            for n in range(3):
+                text = f"written offline last week {n}"
+                store._write("memory", cfs.Memory(
+                    id=uuid.uuid4().hex, content=text, content_hash=cfs.content_hash(text),
+                    created_at="2020-01-05T10:00:00.000000Z", updated_at="2020-01-05T10:00:00.000000Z",
+                    vector_clock={store.device_id: 1}), dirty=True)
+    finally:
+        store.close()
+    assert sync(laptop)["pushed"]["memories"] == 3
+    assert sync(desktop)["pulled"]["memories"] == 3
+    assert len(cli_json(desktop, "list")) == 4
+    for home in (laptop, desktop):
+        assert cli_json(home, "cloud", "check")["in_sync"]
+
+
+def test_cloud_other_tenants_edges_are_neither_stored_nor_counted(tmp_path, contextfs_cloud):
+    """ContextFS Cloud serves every tenant's edges to everyone (protocol.md gap 7)."""
+    key_a, (alice,) = _anchor_homes(tmp_path / "a", contextfs_cloud, "alice")
+    x, y = (cli_json(alice, "save", f"alice {n}")["id"] for n in range(2))
+    cli_json(alice, "link", x, y, "--relation", "related_to")
+    sync(alice)
+    key_b, (bob,) = _anchor_homes(tmp_path / "b", contextfs_cloud, "bob")
+    cli_json(bob, "save", "bob's only memory")
+    report = sync(bob)
+    assert report["pulled"] == {"memories": 0, "sessions": 0, "edges": 0}, report
+    assert cli_json(bob, "cloud", "status")["local"]["edges"] == 0
+    assert sync(bob)["summary"] == "pushed 0, pulled 0"
+
+
+def test_cloud_rows_the_public_client_encrypted_are_read_byte_exact(tmp_path, contextfs_cloud):
+    """The public client encrypts under HKDF(its API key, that key's salt) and ContextFS Cloud
+    serves the ciphertext with encrypted=false (issue 11, items 1 and 6): a device of ours
+    using that API key stores the plaintext, never the ciphertext, and keeps its own rows."""
+    pytest.importorskip("cryptography")
+    login_key = contextfs_cloud.add_user()
+    made = http_client().post(contextfs_cloud.url + "/api/auth/api-keys", headers={"X-API-Key": login_key},
+                              json={"name": "laptop", "with_encryption": True}).json()
+    key = made["api_key"]
+    salt = http_client().get(contextfs_cloud.url + "/api/auth/encryption-salt", headers={"X-API-Key": key}).json()["salt"]
+    secret = cfs.derive_anchor_key(key, salt)
+    text = "public client's secret — ✓ " * 3
+    mem_id = uuid.uuid4().hex[:12]
+    http_client().post(contextfs_cloud.url + "/api/sync/push", headers={"X-API-Key": key}, json={
+        "device_id": "public-" + mem_id, "memories": [{
+            "id": mem_id, "content": cfs.encrypt_content(secret, text), "encrypted": True,
+            "content_hash": cfs.content_hash(text), "vector_clock": {"public-" + mem_id: 1}}]}).raise_for_status()
+    ours = make_device(tmp_path, "ours", contextfs_cloud, key)
+    mine = cli_json(ours, "save", "written by ours")["id"]
+    sync(ours), sync(ours)
+    assert cli_json(ours, "show", mem_id)["content"] == text
+    assert cli_json(ours, "show", mine)["content"] == "written by ours"
+    # A newer version whose content matches neither its hash nor any key never replaces ours.
+    clock = server_memories(contextfs_cloud, key)[mine]["vector_clock"]
+    http_client().post(contextfs_cloud.url + "/api/sync/push", headers={"X-API-Key": key}, json={
+        "device_id": "public-" + mem_id, "memories": [{
+            "id": mine, "content": "tampered", "content_hash": cfs.content_hash("something else"),
+            "vector_clock": dict(clock, **{"public-" + mem_id: 9})}]}).raise_for_status()
+    report = sync(ours)
+    assert cli_json(ours, "show", mine)["content"] == "written by ours"
+    assert any("did not match" in w for w in report["warnings"]), report["warnings"]
+
+
 def test_anchor_dry_run_changes_no_memory_and_the_next_sync_pulls_everything(tmp_path, anchor_server):
     """ContextFS Cloud has no read-only pull (its pull records when the device was last seen, a
     field only its /status reads): a dry run still sends no push, register or diff, and changes
@@ -1416,6 +1489,65 @@ def test_anchor_dry_run_changes_no_memory_and_the_next_sync_pulls_everything(tmp
     report = sync(desktop)
     assert report["pulled"]["memories"] >= 3 and report["pushed"]["memories"] == 1
     assert set(ids) <= {m["id"] for m in cli_json(desktop, "list")}
+
+
+_PUBLIC_CLIENT_SCRIPT = """
+import asyncio, json, sys
+from pathlib import Path
+from contextfs import ContextFS
+from contextfs.schemas import Memory, MemoryType
+from contextfs.sync import SyncClient
+url, key, data, cmd, *args = sys.argv[1:]
+ctx = ContextFS(data_dir=Path(data), namespace_id="global", auto_load=False, auto_index=False)
+async def main():
+    async with SyncClient(url, ctx=ctx, api_key=key, device_id="public-" + key[6:14]) as client:
+        if cmd == "save":
+            ctx.save_batch([Memory(content=text, type=MemoryType.FACT) for text in args], skip_rag=True)
+        elif cmd == "delete":
+            ctx.delete(args[0])
+        await client.sync_all()
+    print(json.dumps({m.id: m.content for m in ctx.list_recent(limit=1000)}))
+asyncio.run(main())
+"""
+
+
+def test_public_client_and_ours_share_one_account_on_our_server(tmp_path, ref_server):
+    """A mixed fleet (issue 11, items 6-7): the public ContextFS client (contextfs 0.2.35, its
+    own `cloud sync` algorithm: register, diff, push of what the server lacks) and ours on one
+    account of our reference server. Gated: CONTEXTFS_PUBLIC_CLIENT names a Python that has
+    the public package (../shared/anchor/install.sh makes /tmp/anchor-venv/bin/python)."""
+    python = os.environ.get("CONTEXTFS_PUBLIC_CLIENT")
+    if not python:
+        pytest.skip("set CONTEXTFS_PUBLIC_CLIENT to a Python with contextfs==0.2.35 installed")
+    script = tmp_path / "public_client.py"
+    script.write_text(_PUBLIC_CLIENT_SCRIPT)
+    key = ref_server.add_user()
+    env = dict(cli_env(tmp_path / "unused"), HOME=str(tmp_path / "public-home"), HF_HUB_OFFLINE="1",
+               CONTEXTFS_DATA_DIR=str(tmp_path / "public-data"))
+
+    def public(*args):
+        proc = subprocess.run([python, str(script), ref_server.url, key, str(tmp_path / "public-data"), *args],
+                              capture_output=True, text=True, env=env, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    seen = public("save", "written by the public client", "unicode ✓ — ünï")
+    ours = make_device(tmp_path, "ours", ref_server, key)
+    sync(ours)
+    assert sorted(m["content"] for m in cli_json(ours, "list")) == sorted(seen.values())
+    # No salt from our server, so the public client stores and sends plain text (item 6).
+    assert api(ref_server, "/api/auth/encryption-salt", key=key).status_code == 404
+    assert all(not m["encrypted"] for m in server_memories(ref_server, key).values())
+    mine = cli_json(ours, "save", "written by ours")["id"]
+    sync(ours)
+    assert public("sync")[mine] == "written by ours"
+    # The public client deletes only through its diff manifest (item 7): it reaches every device.
+    doomed = next(i for i, text in seen.items() if text.startswith("written by the public"))
+    after = public("delete", doomed)
+    assert doomed not in after
+    assert server_memories(ref_server, key)[doomed]["deleted_at"]
+    sync(ours)
+    assert sorted(m["content"] for m in cli_json(ours, "list")) == ["unicode ✓ — ünï", "written by ours"]
 
 
 # ---- tests: MCP stdio server ---------------------------------------------------------------
@@ -2076,6 +2208,11 @@ def device_home(root, name, url, key, **cloud):
     return cfg.home
 
 
+# Servers the reliability scenarios run on: ours, ContextFS Cloud's double, and the real one
+# (skipped unless CONTEXTFS_ANCHOR_URL is set).
+_SERVER_FIXTURES = {"ref": "rel_server", "double": "cloud_double", "anchor": "anchor_server"}
+
+
 def new_user(server):
     return server.add_user(f"user-{uuid.uuid4().hex[:10]}@example.com")
 
@@ -2183,10 +2320,13 @@ def run_fault_rounds(root, server, seed, rounds):
             "memories": len(expected), "lost": len(lost), "duplicated": duplicated, "problems": problems}
 
 
-def test_sync_under_seeded_faults_completes_or_stops_cleanly_then_converges(rel_server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("server_kind", ["ref", "double", "anchor"])
+def test_sync_under_seeded_faults_completes_or_stops_cleanly_then_converges(request, server_kind, tmp_path,
+                                                                           monkeypatch):
+    server = request.getfixturevalue(_SERVER_FIXTURES[server_kind])
     monkeypatch.setattr(cfs, "PUSH_BATCH_ITEMS", 8)   # more requests per sync: more places to fail
     monkeypatch.setattr(cfs, "PULL_PAGE_SIZE", 12)
-    result = run_fault_rounds(tmp_path, rel_server, seed=7, rounds=300 if SOAK else 40)
+    result = run_fault_rounds(tmp_path, server, seed=7, rounds=300 if SOAK else 40)
     assert not result["problems"], result["problems"]
     assert result["lost"] == 0 and result["duplicated"] == 0
     assert set(result["injected"]) == set(FaultProxy.FAULTS), result["injected"]  # every kind was tried
@@ -2406,9 +2546,12 @@ class KillTrials:
         self.proxy.stop()
 
 
-def test_kill_9_during_push_and_pull_loses_nothing(rel_server, tmp_path):
-    count = int(os.environ.get("CONTEXTFS_SOAK_TRIALS") or 36)   # longer soaks: CONTEXTFS_SOAK_TRIALS=500
-    trials = KillTrials(tmp_path, rel_server, seed=11)
+@pytest.mark.parametrize("server_kind", ["ref", "double", "anchor"])
+def test_kill_9_during_push_and_pull_loses_nothing(request, server_kind, tmp_path):
+    server = request.getfixturevalue(_SERVER_FIXTURES[server_kind])
+    # longer soaks: CONTEXTFS_SOAK_TRIALS=500
+    count = int(os.environ.get("CONTEXTFS_SOAK_TRIALS") or (36 if server_kind == "ref" else 18))
+    trials = KillTrials(tmp_path, server, seed=11)
     try:
         for number in range(count):
             result = trials.trial(number, KillTrials.side_of(number))
@@ -2589,8 +2732,9 @@ def run_convergence(root, server, seed, steps, devices=3):
     def server_view(kind):
         out = {}
         for (k, row_id), obj in server_state.items():
-            if k == kind:
-                out[row_id] = _sync_fields(kind, obj, obj["vector_clock"])
+            if k == kind:  # edges by their three fields: servers spell an edge's id differently
+                key = f"{obj['from_id']}:{obj['to_id']}:{obj['relation']}" if kind == "edges" else row_id
+                out[key] = _sync_fields(kind, obj, obj["vector_clock"])
         return out
 
     for d, home in enumerate(homes):
@@ -2625,10 +2769,15 @@ def _sync_fields(kind, row, clock):
     return (float(row["weight"]), bool(row["deleted_at"]), clock)
 
 
-@pytest.mark.parametrize("seed", list(range(1, 9)) + (list(range(9, 25)) if SOAK else []))
-def test_three_devices_converge_and_no_local_edit_is_lost(rel_server, tmp_path, seed):
+@pytest.mark.parametrize("server_kind,seed", [("ref", n) for n in range(1, 9)] + [("double", n) for n in range(1, 5)]
+                         + [("anchor", n) for n in range(1, 3)]
+                         + ([(kind, n) for kind in ("ref", "double") for n in range(9, 25)] if SOAK else []))
+def test_three_devices_converge_and_no_local_edit_is_lost(request, tmp_path, server_kind, seed):
+    """On our server, and on ContextFS Cloud's double (its timestamp paging, server ticks,
+    equal-clock overwrites and dropped metadata)."""
+    server = request.getfixturevalue(_SERVER_FIXTURES[server_kind])
     steps = 3000 if SOAK else 500
-    stats, problems = run_convergence(tmp_path, rel_server, seed, steps)
+    stats, problems = run_convergence(tmp_path, server, seed, steps)
     assert not problems, problems[:10]
     assert stats["conflict_copies"] > 0 and stats["heads_checked"] > 50, stats
     print(f"\nconvergence seed {seed}: {dict(stats)}")
