@@ -1312,6 +1312,25 @@ def test_session_conflict_copies_are_listed_pushed_and_resolved_everywhere(two_d
         assert row["summary"] == "moved to poetry"
 
 
+def test_one_row_the_server_refuses_is_named_and_the_rest_of_the_batch_goes_on(two_devices_ref, monkeypatch):
+    """A pushed batch refused (422) for what one item holds is split until that item is
+    found; it stays pending and is named, and every other row reaches the server."""
+    server, key, laptop, desktop = two_devices_ref
+    ids = [cli_json(laptop, "save", f"unrelated {n}")["id"] for n in range(5)]
+    with cfs.open_store(laptop) as store:
+        bad = store.save("edited by a thousand CI devices")
+        with store.transaction():
+            bad.vector_clock = {f"ci-{n:04d}": 1 for n in range(1001)}  # over the server's limit
+            store._write("memory", bad, dirty=True)
+    monkeypatch.setattr(cfs, "PUSH_BATCH_ITEMS", 4)
+    report = cfs.cloud_sync(laptop)
+    assert list(report.refused) == [bad.id] and "1000 entries" in report.refused[bad.id]
+    assert report.pushed["memories"] == 5 and f"refused by the server and left pending: {bad.id}" in report.summary()
+    assert set(ids) <= set(server_memories(server, key)) and bad.id not in server_memories(server, key)
+    with cfs.open_store(laptop) as store:
+        assert store.get_row("memory", bad.id).dirty  # kept, and tried again by the next sync
+
+
 def test_a_delete_that_loses_to_an_edit_elsewhere_is_reported_and_the_edit_kept(two_devices):
     server, key, laptop, desktop = two_devices
     x = cli_json(laptop, "save", "shared note")["id"]
