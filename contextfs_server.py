@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from contextfs_sync import (
     MAX_ID_CHARS, Clock, ContextFSError, Edge, Memory, ServerError, Session, UsageError, __version__,
-    clock_compare, clock_merge, clock_tick, format_ts, normalize_ts, nul_path, parse_ts, utc_now,
+    clock_compare, clock_merge, clock_tick, format_ts, prune_clock, normalize_ts, nul_path, parse_ts, utc_now,
 )
 
 __all__ = ["create_app", "ServerApp", "SQLiteStorage", "open_storage", "add_user", "make_server", "MAX_BODY"]
@@ -873,14 +873,18 @@ def push_verdict(kind: str, entity: dict, clock: Clock, stored_clock: Optional[C
     """The server's clock rule for one pushed item: (verdict, clock stored or kept, conflict).
 
     New: accepted as sent (no server tick on insert, protocol.md gap 15). Dominated by the
-    stored clock: rejected. Concurrent: a conflict, reported with both sides. Otherwise (newer
-    or equal, or ``force``): accepted with the two clocks merged.
+    stored clock: rejected. Concurrent: a conflict, reported with both sides; so are equal
+    clocks with other data (protocol.md §6 b: a rolled-back device re-issuing a clock for
+    another text). Otherwise (newer, equal with the same data, or ``force``): accepted with the
+    two clocks merged. Every stored clock is pruned to CLOCK_KEEP entries (prune_clock).
     """
     if stored_clock is None:
-        return "accepted", clock, None
+        return "accepted", prune_clock(clock), None
     order = clock_compare(stored_clock, clock)
     if order == "after" and not force:
         return "rejected", stored_clock, None
+    if order == "equal" and not force and not _same_data(kind, entity, stored_body()):
+        order = "concurrent"
     if order == "concurrent" and not force:
         server_obj = stored_body()
         field_name = {"memory": "content", "session": "summary"}.get(kind)
@@ -891,7 +895,20 @@ def push_verdict(kind: str, entity: dict, clock: Clock, stored_clock: Optional[C
             "server_content": server_obj.get(field_name) if field_name else None,
             "client_updated_at": entity.get("updated_at"),
             "server_updated_at": server_obj.get("updated_at")}
-    return "accepted", clock_merge(clock, stored_clock), None
+    return "accepted", prune_clock(clock_merge(clock, stored_clock)), None
+
+
+def _same_data(kind: str, entity: dict, stored: dict) -> bool:
+    """Whether a pushed item carries what is stored (clocks and timestamps aside)."""
+    if bool(entity.get("deleted_at")) != bool(stored.get("deleted_at")):
+        return False
+    if entity.get("deleted_at"):
+        return True
+    if kind == "memory":
+        return entity.get("content_hash") == stored.get("content_hash")
+    if kind == "session":
+        return (entity.get("summary"), entity.get("label")) == (stored.get("summary"), stored.get("label"))
+    return entity.get("weight") == stored.get("weight")
 
 
 class _LoginLimiter:

@@ -65,6 +65,7 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 MAX_ID_CHARS = 512          # ids, device ids, relations: the server refuses longer ones (422)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_CONFIGURED = 0, 1, 2, 3
+EXIT_PARTIAL = 4  # a sync that completed but left rows the server refused pending
 
 
 # ---- 2. errors ---------------------------------------------------------------------------
@@ -204,6 +205,30 @@ def clock_merge(a: Clock, b: Clock) -> Clock:
     """Component-wise maximum of two clocks (zero entries dropped)."""
     merged = {k: max(a.get(k, 0), b.get(k, 0)) for k in set(a) | set(b)}
     return {k: v for k, v in sorted(merged.items()) if v > 0}
+
+
+CLOCK_KEEP = 64              # entries a server keeps in a stored clock (prune_clock)
+CLOCK_PRUNED = "~pruned"     # the entry that stands for the ones pruned (no device has this id)
+
+
+def prune_clock(clock: Clock, keep: int = CLOCK_KEEP) -> Clock:
+    """``clock`` cut to at most ``keep`` entries, for storing: the entries with the smallest
+    counters (with time-based counters, the oldest writers) give way to one ``~pruned`` entry
+    holding the largest counter dropped.
+
+    The rule that makes this safe: a clock that does not carry ``~pruned`` can never be newer
+    than a pruned one (it lacks that entry), so pruning can only turn "newer" into
+    "concurrent" (a conflict copy), never let a stale version win or hide an edit. A device
+    that has pulled the pruned clock carries the entry and moves on normally.
+    """
+    if len(clock) <= keep:
+        return dict(clock)
+    floor = clock.get(CLOCK_PRUNED, 0)
+    ranked = sorted(((v, k) for k, v in clock.items() if k != CLOCK_PRUNED), reverse=True)
+    kept, dropped = ranked[:keep - 1], ranked[keep - 1:]
+    pruned = {k: v for v, k in kept}
+    pruned[CLOCK_PRUNED] = max([floor] + [v for v, _k in dropped])
+    return dict(sorted(pruned.items()))
 
 
 def clock_tick(clock: Clock, device_id: str, now: Optional[float] = None) -> Clock:
@@ -1025,28 +1050,77 @@ def save_config(cfg: Config) -> None:
         raise ConfigError(f"{cfg.path}: cannot save config ({exc.strerror}); nothing was changed") from None
 
 
-def device_id(home: Path) -> str:
-    """This device's stable id (hostname + random), created once in ``$CONTEXTFS_HOME/device_id``."""
-    path = home / "device_id"
-    try:
-        existing = path.read_text(encoding="utf-8").strip()
-        if existing:
-            return existing
-    except FileNotFoundError:
-        pass
+def installation_fingerprint(home: Path) -> str:
+    """What tells this installation from a copy of it: the OS machine id (where there is one),
+    the hostname and the home's absolute path, hashed."""
+    import hashlib
+    import socket
+
+    machine = ""
+    for candidate in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with _suppress(OSError):
+            machine = Path(candidate).read_text(encoding="utf-8").strip()
+            break
+    parts = "\0".join((machine, socket.gethostname() or "", str(Path(home).resolve())))
+    return hashlib.sha256(parts.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _new_device_id() -> str:
     import secrets
     import socket
 
     host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname() or "device")[:19] or "device"
-    new_id = f"{host}-{secrets.token_hex(6)}"[:32]
+    return f"{host}-{secrets.token_hex(6)}"[:32]
+
+
+def device_id(home: Path) -> str:
+    """This installation's id (hostname + random), kept in ``$CONTEXTFS_HOME/device_id``.
+
+    One id per installation: beside it, ``device_fingerprint`` records where it was made
+    (installation_fingerprint). A home copied to another machine or path, a cloned VM image or
+    a restored CI cache no longer matches, so it gets a new id, and ``device_id.previous``
+    keeps the old one for the user to see (cloud status; the next sync says it once). Two
+    installations sharing an id would take each other's rows for their own.
+    """
+    path, fp_path = home / "device_id", home / "device_fingerprint"
+    fingerprint = installation_fingerprint(home)
+    try:
+        existing = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        try:
+            recorded = fp_path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            recorded = ""
+        if recorded == fingerprint:
+            return existing
+        if not recorded:  # made before fingerprints existed: this installation adopts it
+            atomic_write(fp_path, fingerprint.encode("ascii"), 0o600)
+            return existing
+        # A copy of another installation's home: a new id, and the old one kept for the user.
+        atomic_write(home / "device_id.previous", existing.encode("utf-8"), 0o600)
+        atomic_write(path, _new_device_id().encode("utf-8"), 0o600)
+        atomic_write(fp_path, fingerprint.encode("ascii"), 0o600)
+        return path.read_text(encoding="utf-8").strip()  # a racing process may have won: use its id
+    new_id = _new_device_id()
     ensure_home(home)
     try:  # O_EXCL: if two processes race, the first one's id wins
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(new_id)
-        return new_id
     except FileExistsError:
         return path.read_text(encoding="utf-8").strip() or new_id
+    atomic_write(fp_path, fingerprint.encode("ascii"), 0o600)
+    return new_id
+
+
+def previous_device_id(home: Path) -> Optional[str]:
+    """The id this home had before it was found to be a copy of another installation, if any."""
+    try:
+        return (home / "device_id.previous").read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
 
 
 # ---- 6. local store ----------------------------------------------------------------------
@@ -3030,16 +3104,13 @@ class SyncEngine:
 
     def __init__(self, store: Store, client: CloudClient, cfg: Config, key: Optional[bytes] = None,
                  progress: Optional[Callable[[str], None]] = None):
-        import hashlib
-
         self.store = store
         self.client = client
         self.cfg = cfg
         self.key = key
         self.progress = progress or (lambda message: None)
-        account = hashlib.sha256((client.api_key or "").encode()).hexdigest()[:12]
         # Cursors belong to one server and one account: switching either starts afresh.
-        self.scope = f"{client.server_url}|{account}"
+        self.scope = _sync_scope(client.server_url, client.api_key)
         # (first, last) server seq of the rows this sync pushed and settled: the pull that follows
         # asks the server to leave them out instead of sending them straight back. Only a push
         # in this same run sets it, so a store without a cursor (lost sync.db) still gets all.
@@ -3056,6 +3127,7 @@ class SyncEngine:
         self.store.purge_expired()
         if not dry_run:
             self._register()
+            self._say_if_copied(report)
         if direction in ("push", "both"):
             self.push(report, push_all=push_all, force=force, dry_run=dry_run)
         if direction in ("pull", "both"):
@@ -3071,6 +3143,15 @@ class SyncEngine:
         if not dry_run:
             self.store.set_state(f"refused|{self.scope}", _dumps(report.refused) if report.refused else None)
         return report
+
+    def _say_if_copied(self, report: SyncReport) -> None:
+        """Once: this home turned out to be a copy of another installation (see device_id)."""
+        previous = previous_device_id(self.store.path.parent)
+        if previous and self.store.state("copied_home_said") != self.store.device_id:
+            report.warnings.append(
+                f"This home is a copy of another installation (device {previous}); it syncs as its own "
+                f"device, {self.store.device_id}, from now on")
+            self.store.set_state("copied_home_said", self.store.device_id)
 
     def _register(self) -> None:
         key = f"registered|{self.scope}"
@@ -3551,6 +3632,22 @@ def _looks_like_ciphertext(text: str) -> bool:
     return len(text) >= 40 and re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", text) is not None
 
 
+def _refused_rows(store: Store, cfg: Config) -> Dict[str, str]:
+    """The rows the server refused at the last sync with this server and account: id -> why."""
+    try:
+        url = check_server_url(cfg.server_url, True)
+    except ContextFSError:
+        return {}
+    return json.loads(store.state(f"refused|{_sync_scope(url, cfg.api_key)}") or "{}")
+
+
+def _sync_scope(server_url: str, api_key: Optional[str]) -> str:
+    """The key prefix of one server and account's sync state (cursors, refused rows)."""
+    import hashlib
+
+    return f"{server_url}|{hashlib.sha256((api_key or '').encode()).hexdigest()[:12]}"
+
+
 def register_device(client: CloudClient, device: str) -> dict:
     """Register this device with the server (name and platform as the public client sends them)."""
     import platform
@@ -3586,9 +3683,10 @@ def cloud_status(home: Optional[Path] = None, remote: bool = True) -> dict:
         counts = store.counts()
         status: Dict[str, Any] = {
             "enabled": cfg.enabled, "server_url": cfg.server_url, "api_key": mask_key(cfg.api_key),
-            "e2ee": cfg.e2ee, "device_id": store.device_id,
+            "e2ee": cfg.e2ee, "device_id": store.device_id, "previous_device_id": previous_device_id(cfg.home),
             "last_push_at": store.state("last_push_at"), "last_pull_at": store.state("last_pull_at"),
             "pending_push": counts["pending_push"], "conflicts": counts["conflicts"], "local": counts,
+            "refused": _refused_rows(store, cfg),
             "server": None}
         if remote and cfg.enabled and cfg.api_key:
             try:
@@ -4688,9 +4786,10 @@ def cmd_cloud_sync(args: argparse.Namespace) -> int:
                         dry_run=args.dry_run, progress=progress)
     if progress:
         sys.stderr.write("\r")
+    done = EXIT_PARTIAL if report.refused else EXIT_OK
     if args.json:
         _print_json(report.to_dict())
-        return EXIT_OK
+        return done
     for step in report.plan:
         print(f"  would {step['op']} {step['kind']} {step['id']}" + (" (delete)" if step.get("deleted") else ""))
     print(report.summary())
@@ -4702,7 +4801,7 @@ def cmd_cloud_sync(args: argparse.Namespace) -> int:
               f"settle on the next pull")
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    return EXIT_OK
+    return done
 
 
 def cmd_cloud_status(args: argparse.Namespace) -> int:
@@ -4716,13 +4815,16 @@ def cmd_cloud_status(args: argparse.Namespace) -> int:
     print(f"Server:       {status['server_url']}")
     print(f"API key:      {status['api_key']}")
     print(f"E2EE:         {'on' if status['e2ee'] else 'off'}")
-    print(f"Device:       {status['device_id']}")
+    print(f"Device:       {status['device_id']}" + (
+        f" (this home is a copy of device {status['previous_device_id']}'s)" if status["previous_device_id"] else ""))
     print(f"Last push:    {status['last_push_at'] or 'never'}")
     print(f"Last pull:    {status['last_pull_at'] or 'never'}")
     print(f"Local:        {local['memories']} memories ({local['drafts']} drafts, {local['temporary']} "
           f"temporary), {local['sessions']} sessions, {local['edges']} relationships")
     print(f"Pending push: {status['pending_push']}")
     print(f"Conflicts:    {status['conflicts']}" + (" (see: contextfs cloud conflicts)" if status['conflicts'] else ""))
+    for row_id, why in status["refused"].items():
+        print(f"Refused:      {row_id} (the server said: {why}); left pending")
     server = status["server"]
     if server and "error" in server:
         print(f"Server state: unavailable ({server['error']})")

@@ -183,7 +183,11 @@ def test_push_clock_rule_table(ref_server, two_users):
     assert res["vector_clock"] == {"a": 1} and resp["status"] == "success" and resp["success"] is True
     resp, res = one("v2", {"a": 2})  # newer
     assert res == {"entity_type": "memory", "id": m, "status": "accepted", "vector_clock": {"a": 2}}
-    resp, res = one("v2-again", {"a": 2})  # equal counts as S <= C
+    resp, res = one("v2", {"a": 2})  # equal clock, same data: S <= C (a retried push)
+    assert res["status"] == "accepted"
+    resp, res = one("v2, re-issued", {"a": 2})  # equal clock, other data: concurrent (§6 b)
+    assert res["status"] == "conflict" and resp["conflicts"][0]["server_content"] == "v2"
+    resp, res = one("v2-again", {"a": 2}, force=True)
     assert res["status"] == "accepted"
     resp, res = one("stale", {"a": 1})  # C < S
     assert res["status"] == "rejected" and res["vector_clock"] == {"a": 2}
@@ -209,6 +213,29 @@ def test_push_clock_rule_table(ref_server, two_users):
     for key in ("accepted", "rejected", "accepted_memories", "rejected_memories", "accepted_sessions",
                 "rejected_sessions", "conflicts", "server_timestamp", "message", "pushed_items"):
         assert key in resp
+
+
+def test_stored_clocks_are_pruned_and_a_stale_version_never_wins(ref_server, two_users):
+    """1,000 CI devices editing one memory (issue 20, item 4): the server keeps 64 entries, the
+    oldest writers folded into one ~pruned entry, so the next device's edit still goes in and
+    a device whose clock predates the pruning gets a conflict, never an overwrite."""
+    alice, _ = two_users
+    m = uid()
+    clock = {}
+    for n in range(100):  # each device pulls the stored clock, edits, pushes
+        clock = dict(clock, **{f"ci-{n:03d}": 1_800_000_000 + n})
+        res = push(ref_server, alice, f"ci-{n:03d}-{alice[6:12]}", [mem(m, f"edit {n}", clock)])["results"][0]
+        assert res["status"] == "accepted", (n, res)
+        clock = res["vector_clock"]
+        assert len(clock) <= 64
+    assert clock["~pruned"] == 1_800_000_000 + 36 and "ci-036" not in clock and clock["ci-099"] == 1_800_000_099
+    stale = {f"ci-{n:03d}": 1_800_000_000 + n for n in range(99)}  # saw edit 98, not 99
+    stale["ci-050"] += 1000                                      # … and edited it again
+    res = push(ref_server, alice, None, [mem(m, "stale edit", stale)])["results"][0]
+    assert res["status"] == "conflict"
+    assert server_rows(ref_server, alice)[("memories", m)]["content"] == "edit 99"
+    newer = dict(clock, **{"ci-050": 1_900_000_000})
+    assert push(ref_server, alice, None, [mem(m, "after the prune", newer)])["results"][0]["status"] == "accepted"
 
 
 def test_push_conflicts_for_sessions_and_edges_and_results_order(ref_server, two_users):

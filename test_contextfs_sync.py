@@ -45,6 +45,28 @@ def test_clock_compare_table(a, b, expected):
     assert cfs.clock_compare(a, b) == expected
 
 
+def test_pruned_clocks_never_let_a_stale_or_concurrent_clock_win():
+    """The property prune_clock() promises, over random clocks: whatever C was to S (older,
+    equal, concurrent), C is never newer than the pruned S unless it was newer than S."""
+    rng = random.Random(5)
+    for _ in range(3000):
+        devices = [f"d{n}" for n in range(rng.randint(60, 80))]
+        s = {d: rng.randint(1, 50) for d in devices if rng.random() < 0.95}
+        c = dict(s)  # another device's view: some entries older, perhaps one newer
+        for d in rng.sample(devices, rng.randint(0, 3)):
+            c[d] = max(0, c.get(d, 0) - rng.randint(1, 3))
+        if rng.random() < 0.7:
+            d = rng.choice(devices)
+            c[d] = c.get(d, 0) + rng.randint(1, 3)
+        c = {d: v for d, v in c.items() if v}
+        pruned = cfs.prune_clock(s, keep=64)
+        assert len(pruned) <= 64
+        if cfs.clock_compare(s, c) != "before":  # C was not newer than S …
+            assert cfs.clock_compare(pruned, c) != "before", (s, c, pruned)  # … so it cannot win now
+    assert cfs.prune_clock({"a": 1, "b": 2}, keep=64) == {"a": 1, "b": 2}
+    assert cfs.prune_clock({"a": 1, "b": 2, "c": 3}, keep=2) == {"c": 3, "~pruned": 2}
+
+
 def test_clock_merge_and_tick():
     assert cfs.clock_merge({"a": 1, "b": 3}, {"a": 2, "c": 0}) == {"a": 2, "b": 3}
     assert cfs.clock_tick({"a": 1}, "a", now=0) == {"a": 3}  # 2: past ContextFS Cloud's insert tick
@@ -1312,6 +1334,69 @@ def test_session_conflict_copies_are_listed_pushed_and_resolved_everywhere(two_d
         assert row["summary"] == "moved to poetry"
 
 
+def test_a_home_restored_from_a_backup_never_reissues_a_published_version(tmp_path, two_devices):
+    """Issue 20, item 1: device D publishes edit E1 (F pulls it), then D's home is restored from
+    a copy taken before E1 and the user edits again (E2). Whether E2 re-mints E1's clock (same
+    second) or not, E1 and E2 both survive on every device, one as a _local copy."""
+    import shutil
+
+    server, key, laptop, desktop = two_devices
+    m = cli_json(laptop, "save", "v0")["id"]
+    sync(laptop), sync(desktop)
+    backup = tmp_path / "backup"
+    shutil.copytree(laptop, backup)
+    cli_json(laptop, "edit", m, "E1: published, then lost by the restore")
+    sync(laptop), sync(desktop)
+    assert cli_json(desktop, "show", m)["content"].startswith("E1")
+    shutil.rmtree(laptop)
+    shutil.copytree(backup, laptop)  # restored in place: the same installation, the same id
+    assert cli_json(laptop, "show", m)["content"] == "v0"
+    cli_json(laptop, "edit", m, "E2: made after the restore")
+    for _ in range(2):
+        sync(laptop), sync(desktop)
+    for home in (laptop, desktop):
+        texts = {x["content"] for x in cli_json(home, "list", "--limit", "100")}
+        assert {"E1: published, then lost by the restore", "E2: made after the restore"} <= texts, (home.name, texts)
+    on_server = {x["content"] for x in server_memories(server, key).values() if not x["deleted_at"]}
+    assert {"E1: published, then lost by the restore", "E2: made after the restore"} <= on_server
+
+
+def test_a_copied_home_becomes_its_own_device_and_nothing_is_skipped(tmp_path, two_devices):
+    """A home copied to a new laptop (or a cloned VM, a restored CI cache) keeps its device_id
+    file: issue 20, item 2. The copy gets an id of its own, says so once, and both copies'
+    memories and edits reach every device; a collision keeps both texts."""
+    import shutil
+
+    server, key, laptop, desktop = two_devices
+    shared = cli_json(laptop, "save", "written before the copy")["id"]
+    sync(laptop)
+    copy = tmp_path / "laptop-copy"
+    shutil.copytree(laptop, copy)
+    first = cli_json(laptop, "cloud", "status")
+    status = cli_json(copy, "cloud", "status")
+    assert status["device_id"] != first["device_id"] and status["previous_device_id"] == first["device_id"]
+    assert cli_json(laptop, "cloud", "status")["device_id"] == first["device_id"]  # the original keeps its id
+    report = sync(copy)
+    assert sum("copy of another installation" in w for w in report["warnings"]) == 1
+    assert not any("copy of another installation" in w for w in sync(copy)["warnings"])  # once
+    made = {home: [cli_json(home, "save", f"{home.name} note {n}")["id"] for n in range(20)]
+            for home in (laptop, copy)}
+    for _ in range(2):
+        for home in (laptop, copy, desktop):
+            sync(home)
+    everything = {shared, *made[laptop], *made[copy]}
+    for home in (laptop, copy, desktop):
+        assert {m["id"] for m in cli_json(home, "list", "--limit", "1000")} == everything, home.name
+    cli_json(laptop, "edit", shared, "the original's edit")
+    cli_json(copy, "edit", shared, "the copy's edit")
+    for _ in range(2):
+        for home in (laptop, copy, desktop):
+            sync(home)
+    texts = {m["content"] for m in cli_json(desktop, "list", "--limit", "1000")}
+    assert {"the original's edit", "the copy's edit"} <= texts  # one of them as a _local copy
+    assert len(cli_json(desktop, "cloud", "conflicts")) == 1
+
+
 def test_one_row_the_server_refuses_is_named_and_the_rest_of_the_batch_goes_on(two_devices_ref, monkeypatch):
     """A pushed batch refused (422) for what one item holds is split until that item is
     found; it stays pending and is named, and every other row reaches the server."""
@@ -1329,6 +1414,11 @@ def test_one_row_the_server_refuses_is_named_and_the_rest_of_the_batch_goes_on(t
     assert set(ids) <= set(server_memories(server, key)) and bad.id not in server_memories(server, key)
     with cfs.open_store(laptop) as store:
         assert store.get_row("memory", bad.id).dirty  # kept, and tried again by the next sync
+    # The CLI says so with its own exit code (4: partial), and status names the row.
+    proc = run_cli(laptop, "cloud", "sync")
+    assert proc.returncode == 4 and f"refused by the server and left pending: {bad.id}" in proc.stdout
+    assert cli_json(laptop, "cloud", "status")["refused"] == {bad.id: report.refused[bad.id]}
+    assert f"Refused:      {bad.id}" in run_cli(laptop, "cloud", "status", check=0).stdout
 
 
 def test_a_delete_that_loses_to_an_edit_elsewhere_is_reported_and_the_edit_kept(two_devices):
