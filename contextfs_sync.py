@@ -3715,7 +3715,10 @@ def cloud_check(home: Optional[Path] = None) -> dict:
     with open_store(cfg.home) as store, _client_for(cfg) as client:
         manifest = []
         local_hashes: Dict[str, Tuple[str, bool]] = {}
-        for row_id, row_hash, deleted, _dirty in store.manifest():
+        synced = set()  # rows this device holds clean: the server had them when it last synced
+        for row_id, row_hash, deleted, dirty in store.manifest():
+            if not dirty:
+                synced.add(row_id)
             # deleted_at is left out on purpose: an anchor server would apply it (diff rule 2);
             # updated_at too: every server ignores it (protocol.md §4.4).
             manifest.append({"id": row_id, "content_hash": row_hash})
@@ -3731,9 +3734,12 @@ def cloud_check(home: Optional[Path] = None) -> dict:
             differ.append(item.get("id"))
     deleted_on_server = [i for i in response.get("deleted_memory_ids") or [] if not local_hashes.get(i, ("", True))[1]]
     only_local = [i for i in response.get("server_missing_memory_ids") or [] if not local_hashes.get(i, ("", True))[1]]
-    result = {"only_local": only_local, "only_server": only_server, "different": differ,
-              "deleted_on_server_only": deleted_on_server}
+    result: Dict[str, Any] = {"only_local": only_local, "only_server": only_server, "different": differ,
+                              "deleted_on_server_only": deleted_on_server}
     result["in_sync"] = not any(result.values())
+    # Rows this device had synced that the server no longer has: it went back in time (restored
+    # from an older copy, or reset). Named, since timestamp servers give no other sign of it.
+    result["server_lost"] = [i for i in only_local if i in synced]
     return result
 
 
@@ -4885,6 +4891,9 @@ def cmd_cloud_check(args: argparse.Namespace) -> int:
               "only_server": "only on the server (pull them: contextfs cloud sync)",
               "different": "different content on the two sides",
               "deleted_on_server_only": "deleted on the server but live here"}
+    if result["server_lost"]:
+        print(f"The server is missing {len(result['server_lost'])} memories this device had already synced: "
+              "it was probably restored from an older copy or reset. contextfs cloud sync uploads them again")
     for key, label in labels.items():
         if result[key]:
             print(f"{len(result[key])} {label}:")
