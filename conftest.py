@@ -96,6 +96,20 @@ class RefServer:
         """What the server wrote to stderr so far."""
         return Path(self.stderr_path).read_text(errors="replace")
 
+    def backup(self, dest):
+        """An online copy of server.db (SQLite's backup API) in ``dest``; returns ``dest``."""
+        import sqlite3
+
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        src, dst = sqlite3.connect(str(self.data / "server.db")), sqlite3.connect(str(dest / "server.db"))
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        return dest
+
 
 def start_ref_server(tmp_dir, *args, timeout=30):
     """Start `contextfs server run --port 0` under tmp_dir and wait for its listening line."""

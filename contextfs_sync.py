@@ -625,6 +625,7 @@ class Op:
     copy: Any = None
     deletes_live: bool = False   # writes a tombstone over a live local memory (mass-delete guard)
     quiet: bool = False          # only the clock moves (say, our own write echoed with a server tick)
+    server_behind: bool = False  # the server holds an older version than our clean row: upload ours again
 
     @property
     def changes_local(self) -> bool:
@@ -699,6 +700,10 @@ def plan_page(page: Dict[str, List[Any]], local_rows: Dict[str, Dict[str, Any]],
                                       bool(local is not None and local.dirty),
                                       lambda: same_version(kind, local, cloud), cloud.vector_clock)
             op = Op(verdict, kind, cloud.id, cloud)
+            if verdict == APPLY_SKIP and not local.dirty and clock_compare(local.vector_clock, cloud.vector_clock) == "after":
+                # The server's current row is older than what this device synced: the server
+                # went back (restored from a backup). Ours goes up again.
+                op.server_behind = True
             if verdict == APPLY_OVERWRITE and same_version(kind, local, cloud):
                 op.quiet = True  # written (the clock), but nothing new to report
             if verdict == APPLY_CONFLICT and kind != "edge":
@@ -1789,11 +1794,20 @@ class Store:
             return self.conn.execute(
                 "SELECT count(*) FROM memories WHERE deleted_at IS NULL AND conflict_of IS NULL").fetchone()[0]
 
-    def manifest(self) -> List[Tuple[str, str, bool, bool]]:
-        """(id, content_hash, deleted, dirty) of every syncable memory (for /api/sync/diff)."""
+    def manifest(self, kind: str = "memory") -> List[Tuple[str, Optional[str], bool, bool]]:
+        """(id, content_hash, deleted, dirty) of every syncable row of a kind (for /api/sync/diff;
+        sessions and edges have no hash)."""
+        table = _KINDS[kind][0]
+        hashed = "content_hash" if kind == "memory" else "NULL"
+        if kind == "edge":  # an edge's id is from_id:to_id:relation (Edge.id)
+            ident = "from_id || ':' || to_id || ':' || relation"
+            where = f"from_id IN (SELECT id FROM memories WHERE {_PUSHABLE['memory']}) " \
+                    f"AND to_id IN (SELECT id FROM memories WHERE {_PUSHABLE['memory']})"
+        else:
+            ident, where = "id", _PUSHABLE[kind]
         with self._lock:
             return [(r[0], r[1], r[2] is not None, bool(r[3])) for r in self.conn.execute(
-                f"SELECT id, content_hash, deleted_at, dirty FROM memories WHERE {_PUSHABLE['memory']}")]
+                f"SELECT {ident}, {hashed}, deleted_at, dirty FROM {table} WHERE {where}")]
 
     def apply_page(self, ops: List[Op], cursor_key: Optional[str] = None,
                    cursor: Optional[str] = None) -> Tuple[List[str], List[str]]:
@@ -3198,6 +3212,11 @@ class SyncEngine:
             return
         self._push_batches(report, self._push_batches_of(push_all), force)
         self.store.set_state("last_push_at", utc_now())
+        if self._own_seqs is not None:
+            # The highest seq our own rows were stored at: a server whose highest seq is lower
+            # lost them, even if this device's pull cursor is behind (it pushed, never pulled).
+            known = int(self.store.state(f"pushed_seq|{self.scope}") or 0)
+            self.store.set_state(f"pushed_seq|{self.scope}", str(max(known, self._own_seqs[1])))
 
     def _push_batches_of(self, push_all: bool) -> Iterator[Tuple[str, List[Tuple[Tuple[str, int], bytes]]]]:
         """(kind, batch) to push, in order: sessions and memories before edges, so an edge never
@@ -3330,6 +3349,7 @@ class SyncEngine:
         self._live_before: Optional[int] = None
         self._live_delta = 0
         self._held_edges: List[Any] = []
+        self._server_behind: Dict[str, List[str]] = {}  # kind -> ids (Op.server_behind)
         cursor_key, since_key = f"pull_cursor|{self.scope}", f"pull_since|{self.scope}"
         storage_key = f"storage_id|{self.scope}"
         cursor = self.store.state(cursor_key)
@@ -3363,6 +3383,8 @@ class SyncEngine:
                         f"The server {self.client.server_url} was restored from an older copy or reset; "
                         f"pulling everything again and re-uploading what it is missing")
                     cursor, since, offset, self._own_seqs = None, None, 0, None
+                    if not dry_run:
+                        self.store.set_state(f"pushed_seq|{self.scope}", None)
                     response, page = fetch(cursor, offset)
                 if page_number == 0 and not dry_run and isinstance(response.get("storage_id"), str):
                     self.store.set_state(storage_key, response["storage_id"])
@@ -3410,6 +3432,12 @@ class SyncEngine:
             # A timestamp cursor misses rows pushed late with an old updated_at (protocol.md §8 b):
             # reconcile by content with the diff endpoint, as the public client's own sync does.
             repush = self._reconcile(report)
+        behind = sum(self.store.mark_dirty(kind, ids) for kind, ids in self._server_behind.items()) \
+            if self._server_behind and not dry_run else 0
+        if behind:
+            report.warnings.append(f"The server held an older version of {behind} row{'' if behind == 1 else 's'} "
+                                   f"this device had synced (restored from a backup?); uploading ours again")
+            repush = True
         if dry_run and self._deletions > MASS_DELETE_MIN:
             live_total = self._live_total()
             if is_mass_delete(self._deletions, live_total):
@@ -3422,14 +3450,16 @@ class SyncEngine:
 
     def _server_went_back(self, response: dict, cursor: Optional[str], storage_key: str) -> bool:
         """True when the server is not the one our cursor came from: another storage id, or a
-        highest seq below our cursor (both are our server's extensions; others send neither)."""
+        highest seq below our cursor or below the seq our own last push was stored at (both are
+        our server's extensions; others send neither)."""
         storage_id, top = response.get("storage_id"), response.get("top_seq")
         known = self.store.state(storage_key)
         if isinstance(storage_id, str) and known and storage_id != known:
             return True
-        if cursor and isinstance(top, int) and not isinstance(top, bool) and cursor.isdigit():
-            return int(cursor) > top
-        return False
+        if not (isinstance(top, int) and not isinstance(top, bool)):
+            return False
+        pushed = int(self.store.state(f"pushed_seq|{self.scope}") or 0)
+        return max(int(cursor) if cursor and cursor.isdigit() else 0, pushed) > top
 
     def _apply(self, page: Dict[str, List[Any]], report: SyncReport, dry_run: bool,
                cursor_key: Optional[str], cursor: Optional[str], hold: bool = True) -> None:
@@ -3448,6 +3478,8 @@ class SyncEngine:
                         drops_metadata=self._drops_metadata(), known_memory_ids=known,
                         copies_by_id=self._cursorless)
         for op in ops:
+            if op.server_behind:
+                self._server_behind.setdefault(op.kind, []).append(op.id)
             if op.op == APPLY_IGNORE:
                 if hold and len(self._held_edges) < PULL_MAX_HELD_EDGES:
                     self._held_edges.append(op.row)
@@ -3488,22 +3520,29 @@ class SyncEngine:
         return self.store.state(f"drops_metadata|{self.scope}") == "1"
 
     def _reconcile(self, report: SyncReport) -> bool:
-        """Compare every syncable memory with the server by content hash (/api/sync/diff): pull
-        what the pages missed, and mark for upload what the server lacks. True if any was marked."""
-        manifest = self.store.manifest()
-        response = self.client.diff(self.store.device_id,
-                                    [{"id": i, "content_hash": h} for i, h, _deleted, _dirty in manifest], [], [])
+        """Compare every syncable row with the server (/api/sync/diff: memories by content hash,
+        sessions and links by id): pull what the pages missed, and mark for upload what the
+        server lacks though this device had synced it. True if any was marked."""
+        manifests = {kind: self.store.manifest(kind) for kind in ("memory", "session", "edge")}
+        # No deleted_at in the manifest: ContextFS Cloud would apply it (its diff rule 2).
+        response = self.client.diff(
+            self.store.device_id, [{"id": i, "content_hash": h} for i, h, _deleted, _dirty in manifests["memory"]],
+            [{"id": i} for i, _h, _deleted, _dirty in manifests["session"]],
+            [{"id": i} for i, _h, _deleted, _dirty in manifests["edge"]])
         page = self._parse_page({"memories": response.get("missing_memories") or [],
                                  "sessions": [], "edges": response.get("missing_edges") or []})
         if page["memory"] or page["edge"]:
             self._apply(page, report, False, None, None, hold=False)
-        server_missing = response.get("server_missing_memory_ids") or []
-        live_clean = {i for i, _h, deleted, dirty in manifest if not deleted and not dirty}
-        lost = [i for i in server_missing if isinstance(i, str) and i in live_clean]
-        marked = self.store.mark_dirty("memory", lost) if lost else 0
+        marked = 0
+        for kind, field_name in (("memory", "server_missing_memory_ids"), ("session", "server_missing_session_ids"),
+                                 ("edge", "server_missing_edge_ids")):
+            # Tombstones too: a server that lost a delete would let a stale device revive the row.
+            clean = {i for i, _h, _deleted, dirty in manifests[kind] if not dirty}
+            lost = [i for i in response.get(field_name) or [] if isinstance(i, str) and i in clean]
+            marked += self.store.mark_dirty(kind, lost) if lost else 0
         if marked:
-            report.warnings.append(f"The server was missing {marked} memor{'y' if marked == 1 else 'ies'} "
-                                   f"this device had synced; uploading {'it' if marked == 1 else 'them'} again")
+            report.warnings.append(f"The server was missing {marked} row{'' if marked == 1 else 's'} this device "
+                                   f"had synced; uploading {'it' if marked == 1 else 'them'} again")
         return marked > 0
 
     def _live_total(self) -> int:

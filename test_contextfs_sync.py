@@ -1493,6 +1493,33 @@ def _copy_server_db(src, dst):
         shutil.copy2(path, dst / path.name)
 
 
+def test_a_restored_server_is_noticed_by_a_device_that_only_pushed_since(tmp_path):
+    """The device pushed (its pull cursor did not move) and the server was then restored from a
+    backup taken before that push: the seq its own rows were stored at is past the restored
+    server's highest, so the next sync notices and uploads them again."""
+    server = start_ref_server(tmp_path / "srv")
+    key, port, data = server.add_user("alice@example.com"), server.port, server.data
+    laptop = make_device(tmp_path, "laptop", server, key)
+    first = cli_json(laptop, "save", "before the backup")["id"]
+    sync(laptop)
+    server.backup(tmp_path / "backup")                       # last night's backup (online)
+    late = [cli_json(laptop, "save", f"pushed only {n}")["id"] for n in range(2)]
+    sync(laptop, "--direction", "push")
+    assert server.stop() == 0
+    for path in Path(data).glob("server.db*"):              # the disk dies; the backup is restored
+        path.unlink()
+    _copy_server_db(tmp_path / "backup", Path(data))
+    server = start_ref_server(tmp_path / "srv", "--port", str(port))
+    try:
+        assert set(server_memories(server, key)) == {first}
+        report = sync(laptop)
+        assert any("restored from an older copy or reset" in w for w in report["warnings"]), report
+        assert set(server_memories(server, key)) == {first, *late}
+        assert "restored" not in " ".join(sync(laptop)["warnings"])
+    finally:
+        server.stop()
+
+
 def test_a_server_restored_from_an_older_copy_gets_back_what_it_lost(tmp_path):
     """The device's cursor is past the highest seq the restored server holds: the device pulls
     everything again, says so, and re-uploads the memories the server is missing."""
@@ -1627,22 +1654,33 @@ def test_a_contextfs_cloud_that_went_back_is_named_by_check_and_repaired_by_a_pl
     """Issue 20, item 3, on ContextFS Cloud (timestamp cursors, no storage id): the double loses
     rows as a server restored from last night's backup would. `cloud check` names it, and a
     plain `cloud sync` (no --all) uploads what it lost; other devices then get them."""
+    import copy
+
     key, (laptop, desktop) = _anchor_homes(tmp_path, cloud_double, "laptop", "desktop")
     early = cli_json(laptop, "save", "in last night's backup")["id"]
     sync(laptop)
+    with cloud_double.app.lock:
+        backup = copy.deepcopy(cloud_double.app.memories[early])
+    cli_json(laptop, "edit", early, "edited after the backup")
     late = [cli_json(laptop, "save", f"after the backup {n}")["id"] for n in range(3)]
     sync(laptop)
     with cloud_double.app.lock:  # the operator restores last night's database
         for mem_id in late:
             del cloud_double.app.memories[mem_id]
+        cloud_double.app.memories[early] = backup
     check = cli_json(laptop, "cloud", "check")
     assert sorted(check["server_lost"]) == sorted(late) and not check["in_sync"]
     assert "restored from an older copy" in run_cli(laptop, "cloud", "check", check=0).stdout
+    assert check["different"] == [early]
     report = sync(laptop)
-    assert report["pushed"]["memories"] == 3 and any("missing 3 memories" in w for w in report["warnings"])
+    assert report["pushed"]["memories"] == 4, report
+    assert any("missing 3 rows" in w for w in report["warnings"]), report["warnings"]
+    assert any("older version of 1 row" in w for w in report["warnings"]), report["warnings"]
     assert cli_json(laptop, "cloud", "check")["in_sync"]
+    assert cloud_double.memories(key)[early]["content"] == "edited after the backup"
     sync(desktop)
     assert {m["id"] for m in cli_json(desktop, "list")} == {early, *late}
+    assert cli_json(desktop, "show", early)["content"] == "edited after the backup"
 
 
 def test_anchor_dry_run_changes_no_memory_and_the_next_sync_pulls_everything(tmp_path, anchor_server):
@@ -2858,10 +2896,9 @@ def run_convergence(root, server, seed, steps, devices=3):
             new = len(homes)
             homes.append(Path(root) / f"dev{new}")
             shutil.copytree(homes[d], homes[new])
-            # Its pending writes are the original's too (both push them, with the same clock);
-            # local-only ones stay the original's to check (the copy's may be superseded by them).
-            heads.update({(new,) + k[1:]: dict(v) for k, v in list(heads.items()) if k[0] == d
-                          and not v["local_only"]})
+            # Its writes are the original's too (both push them, with the same clock); a copy's
+            # draft may later be superseded by the original publishing it (checked below).
+            heads.update({(new,) + k[1:]: dict(v) for k, v in list(heads.items()) if k[0] == d})
             stats[op] += 1
             continue
         with cfs.open_store(homes[d]) as store:
@@ -2980,7 +3017,7 @@ def run_convergence(root, server, seed, steps, devices=3):
                 rows = db.execute(f"SELECT * FROM {table} WHERE {where}").fetchall()
                 mine = {r["id"]: _sync_fields(kind, dict(r), json.loads(r["vector_clock"])) for r in rows}
                 if mine != server_view(kind):
-                    diff = sorted(set(mine.items()) ^ set(server_view(kind).items()))[:2]
+                    diff = sorted(set(mine.items()) ^ set(server_view(kind).items()), key=repr)[:2]
                     problems.append(f"dev{d}: {kind} differ from the server: {len(diff)} rows, e.g. {diff!r}")
                 if any(r["dirty"] for r in rows):
                     problems.append(f"dev{d}: {kind} still dirty after the final round")
