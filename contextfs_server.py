@@ -477,6 +477,49 @@ class SQLiteStorage:
         self.path = Path(path).expanduser()
         self._local = threading.local()
         self._create()
+        self._check_high_water()
+
+    # -- the high-water mark: a database restored from a backup gets a new storage id ---------
+    # server.db.highwater, beside the database and not part of it, records the storage id and
+    # the highest seq this database ever handed out. A database that opens with a lower highest
+    # seq has gone back in time (a backup restored, or a power cut that lost committed pages):
+    # it gets a new storage id, so every device pulls everything again and uploads what it lacks
+    # (protocol.md §6 e). Comparing seqs in the clients alone misses it once other devices have
+    # pushed past the restored seq. A lagging mark (say, two workers racing) can only hide a
+    # restore, never invent one.
+
+    @property
+    def _high_water_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".highwater")
+
+    def _check_high_water(self) -> None:
+        try:
+            mark = json.loads(self._high_water_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            mark = None
+        top = self.top_seq()
+        if isinstance(mark, dict) and mark.get("storage_id") == self.storage_id() \
+                and isinstance(mark.get("top_seq"), int) and mark["top_seq"] > top:
+            conn = self._conn()
+            with _Tx(conn, immediate=True):
+                conn.execute("UPDATE meta SET value = lower(hex(randomblob(16))) WHERE name = 'storage_id'")
+            old_id, self._storage_id = self._storage_id, None
+            print(f"contextfs server: {self.path} went back from seq {mark['top_seq']} to {top} (restored from "
+                  f"a backup?); new storage id {self.storage_id()} (was {old_id}): devices will pull everything "
+                  f"again and upload what it lacks", file=sys.stderr)
+        self._write_high_water(top)
+
+    def _write_high_water(self, top: int) -> None:
+        tmp = self._high_water_path.with_name(f"{self._high_water_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"storage_id": self.storage_id(), "top_seq": top}), encoding="utf-8")
+            os.replace(tmp, self._high_water_path)
+        except OSError:
+            pass  # best effort: the mark only ever adds a check
+
+    def top_seq(self) -> int:
+        """The highest seq handed out so far."""
+        return self._conn().execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
 
     def _create(self) -> None:
         """Create the data directory (0700) and the database (0600) if needed; check the schema."""
@@ -690,6 +733,8 @@ class SQLiteStorage:
                                      f"VALUES ({', '.join('?' * len(columns))})", rows)
             if seq > first_seq:
                 conn.execute("UPDATE counters SET value = ? WHERE name = 'seq'", (seq,))
+        if seq > first_seq:
+            self._write_high_water(seq)
         return outcomes, ((first_seq + 1, seq) if seq > first_seq else None)
 
     @staticmethod

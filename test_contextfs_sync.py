@@ -1493,28 +1493,66 @@ def _copy_server_db(src, dst):
         shutil.copy2(path, dst / path.name)
 
 
+def _restore_server_from(server, backup, keep_high_water=True):
+    """The operator's restore: stop the server, put the backup's server.db in place (the
+    high-water mark beside it stays unless told), start it again on the same port."""
+    assert server.stop() == 0
+    for path in Path(server.data).glob("server.db*"):
+        if not (keep_high_water and path.name.endswith(".highwater")):
+            path.unlink()
+    _copy_server_db(backup, Path(server.data))
+    return start_ref_server(Path(server.data).parent, "--port", str(server.port))
+
+
 def test_a_restored_server_is_noticed_by_a_device_that_only_pushed_since(tmp_path):
     """The device pushed (its pull cursor did not move) and the server was then restored from a
     backup taken before that push: the seq its own rows were stored at is past the restored
     server's highest, so the next sync notices and uploads them again."""
     server = start_ref_server(tmp_path / "srv")
-    key, port, data = server.add_user("alice@example.com"), server.port, server.data
+    key = server.add_user("alice@example.com")
     laptop = make_device(tmp_path, "laptop", server, key)
     first = cli_json(laptop, "save", "before the backup")["id"]
     sync(laptop)
     server.backup(tmp_path / "backup")                       # last night's backup (online)
     late = [cli_json(laptop, "save", f"pushed only {n}")["id"] for n in range(2)]
     sync(laptop, "--direction", "push")
-    assert server.stop() == 0
-    for path in Path(data).glob("server.db*"):              # the disk dies; the backup is restored
-        path.unlink()
-    _copy_server_db(tmp_path / "backup", Path(data))
-    server = start_ref_server(tmp_path / "srv", "--port", str(port))
+    # The disk dies with the high-water mark: the device's own pushed seq is what tells.
+    server = _restore_server_from(server, tmp_path / "backup", keep_high_water=False)
     try:
         assert set(server_memories(server, key)) == {first}
         report = sync(laptop)
         assert any("restored from an older copy or reset" in w for w in report["warnings"]), report
         assert set(server_memories(server, key)) == {first, *late}
+        assert "restored" not in " ".join(sync(laptop)["warnings"])
+    finally:
+        server.stop()
+
+
+def test_a_restored_server_is_noticed_even_after_others_pushed_past_it(tmp_path):
+    """The server keeps a high-water mark beside server.db: opened from an older copy, it takes a
+    new storage id, so a device is told even when other devices have pushed the restored
+    server's seq past everything that device saw."""
+    server = start_ref_server(tmp_path / "srv")
+    key, port = server.add_user("alice@example.com"), server.port
+    laptop, desktop = (make_device(tmp_path, name, server, key) for name in ("laptop", "desktop"))
+    early = [cli_json(laptop, "save", f"early {n}")["id"] for n in range(3)]
+    sync(laptop)
+    server.backup(tmp_path / "backup")
+    late = [cli_json(laptop, "save", f"late {n}")["id"] for n in range(2)]
+    sync(laptop)
+    server = _restore_server_from(server, tmp_path / "backup")  # the database only: the mark stays
+    try:
+        assert "went back from seq" in server.stderr()
+        others = [cli_json(desktop, "save", f"desktop {n}")["id"] for n in range(10)]
+        sync(desktop)                                     # pushes the seq past the laptop's cursor
+        report = sync(laptop)
+        assert any("restored from an older copy or reset" in w for w in report["warnings"]), report
+        assert set(server_memories(server, key)) == {*early, *late, *others}
+        sync(desktop)
+        assert {m["id"] for m in cli_json(desktop, "list", "--limit", "100")} == {*early, *late, *others}
+        assert server.stop() == 0
+        server = start_ref_server(tmp_path / "srv", "--port", str(port))  # a plain restart: same id
+        assert "went back" not in server.stderr()
         assert "restored" not in " ".join(sync(laptop)["warnings"])
     finally:
         server.stop()
@@ -1533,11 +1571,8 @@ def test_a_server_restored_from_an_older_copy_gets_back_what_it_lost(tmp_path):
     server = start_ref_server(tmp_path / "srv", "--port", str(port))
     late = [cli_json(laptop, "save", f"late {n}")["id"] for n in range(2)]
     sync(laptop)
-    assert server.stop() == 0
-    for path in Path(data).glob("server.db*"):    # the disk dies; the backup is restored
-        path.unlink()
-    _copy_server_db(tmp_path / "backup", Path(data))
-    server = start_ref_server(tmp_path / "srv", "--port", str(port))
+    # The disk dies, mark and all; the backup is restored: the cursor past its seq tells.
+    server = _restore_server_from(server, tmp_path / "backup", keep_high_water=False)
     try:
         assert set(server_memories(server, key)) == set(early)
         report = sync(laptop)
