@@ -518,7 +518,7 @@ class SQLiteStorage:
             pass  # best effort: the mark only ever adds a check
 
     def top_seq(self) -> int:
-        """The highest seq handed out so far."""
+        """The highest seq handed out so far (in this thread's transaction, if one is open)."""
         return self._conn().execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
 
     def _create(self) -> None:
@@ -695,7 +695,7 @@ class SQLiteStorage:
             received_at = utc_now()  # taken under the write lock: see changes_since
             known = self._stored_clocks(conn, user_id, items)
             bodies: Dict[Tuple[str, Tuple[str, ...]], str] = {}  # written earlier in this request
-            first_seq = seq = conn.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+            first_seq = seq = self.top_seq()  # the same connection: inside this transaction
             writes: Dict[str, List[tuple]] = {kind: [] for kind in _TABLES}
             for kind, key, entity, clock in items:
                 stored_text = known.get((kind, key))
@@ -783,7 +783,7 @@ class SQLiteStorage:
                 rows += [(r[0], kind, r[1]) for r in conn.execute(
                     f"SELECT seq, body FROM {table} WHERE user_id = ? AND seq > ?{ns_sql}{own_sql} "
                     f"ORDER BY seq LIMIT ?", [user_id, after] + ns_args + own_args + [limit + 1])]
-            top_seq = conn.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+            top_seq = self.top_seq()
             rows.sort()
             rows, has_more, next_cursor = page(rows[:limit], len(rows) > limit, top_seq)
             if not peek:
@@ -1412,8 +1412,8 @@ class ServerApp:
         return out
 
     def _apply_manifest_deletes(self, user_id: str, device_id: str, manifest: Dict[str, dict],
-                                rows: List[dict], now: str) -> int:
-        """Tombstone the live memories a manifest lists as deleted at the stored hash; how many."""
+                                rows: List[dict], now: str) -> None:
+        """Tombstone the live memories a manifest lists as deleted at the stored hash."""
         items: List[PushItem] = []
         for row in rows:
             entry = manifest.get(row["id"])
@@ -1424,10 +1424,8 @@ class ServerApp:
             obj.update(deleted_at=entry["deleted_at"], updated_at=now,
                        vector_clock=clock_tick(json.loads(row["vector_clock"] or "{}"), device_id))
             items.append(("memory",) + _stored_entity("memory", obj))
-        if not items:
-            return 0
-        outcomes, _seqs = self.storage.push(user_id, device_id, items, push_verdict, now)
-        return sum(verdict == "accepted" for verdict, _clock, _conflict in outcomes)
+        if items:
+            self.storage.push(user_id, device_id, items, push_verdict, now)
 
     def status(self, user: dict, body: dict, ip: str) -> dict:
         """POST /api/sync/status: this device's sync state and this user's row counts."""
