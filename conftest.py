@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,6 +110,19 @@ class RefServer:
             src.close()
             dst.close()
         return dest
+
+    def restore(self, backup, keep_high_water=True):
+        """The operator's restore: stop, put the backup's server.db* in place (the high-water mark
+        beside the database stays unless told), start again on the same port; returns self."""
+        assert self.stop() == 0, self.stderr()
+        for path in self.data.glob("server.db*"):
+            if not (keep_high_water and path.name.endswith(".highwater")):
+                path.unlink()
+        for path in Path(backup).glob("server.db*"):
+            shutil.copy2(path, self.data / path.name)
+        fresh = start_ref_server(self.data.parent, "--port", str(self.port))
+        self.proc, self.stderr_path = fresh.proc, fresh.stderr_path
+        return self
 
 
 def start_ref_server(tmp_dir, *args, timeout=30):
@@ -766,6 +780,20 @@ class DoubleServer(AnchorServer):
     def stop(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def backup(self, dest=None):
+        """A copy of the synced tables (users, keys and devices are not rolled back)."""
+        import copy
+
+        with self.app.lock:
+            return copy.deepcopy((self.app.memories, self.app.sessions, self.app.edges))
+
+    def restore(self, backup):
+        """The tables put back as ``backup()`` saw them."""
+        import copy
+
+        with self.app.lock:
+            self.app.memories, self.app.sessions, self.app.edges = copy.deepcopy(backup)
 
 
 @pytest.fixture(scope="module")

@@ -537,7 +537,7 @@ APPLY_INSERT = "insert"          # not known locally: store the cloud version
 APPLY_OVERWRITE = "overwrite"    # cloud is newer than a clean local row: take it
 APPLY_SKIP = "skip"              # already have it (or newer and clean): nothing to do
 APPLY_KEEP_LOCAL = "keep_local"  # local dirty row dominates: it will be pushed
-APPLY_SETTLE = "settle"          # cloud holds our own write: adopt its clock, mark clean
+APPLY_SETTLE = "settle"          # cloud holds the same data: adopt its clock, mark clean
 APPLY_CONFLICT = "conflict"      # cloud wins under the id; local kept as <id>_local
 APPLY_DELETE_UNDONE = "delete_undone"  # our delete lost to a concurrent edit: the edit is kept, reported
 APPLY_IGNORE = "ignore"          # not this account's row (an edge to memories we cannot see)
@@ -558,13 +558,15 @@ def decide_incoming(local_clock: Optional[Clock], local_dirty: bool,
     clean      equal       yes / no        skip / conflict (a counter re-used)
     clean      local newer -               skip (an overlap re-read)
     clean      cloud newer -               overwrite
-    clean      concurrent  yes / no        skip / conflict (never lose a version)
+    clean      concurrent  yes / no        settle / conflict (never lose a version)
     dirty      local newer -               keep_local (it is pushed next)
     dirty      other       yes / no        settle / conflict
     =========  ==========  ==============  =====================================
 
     Equal clocks with different data are concurrent, not equal: a store rolled back by a
-    restore can re-mint a published clock (clock_tick guards that too). A conflict keeps the
+    restore can re-mint a published clock (clock_tick guards that too). Concurrent clocks over
+    the same data (two devices deleted, or wrote, the same thing) settle on the cloud's clock,
+    so the device ends up with the server's row and its next edit is not a conflict. A conflict keeps the
     cloud version under the id and the local one as ``<id>_local`` (plan_page adds the
     delete-against-edit case on top of this table).
     """
@@ -576,9 +578,9 @@ def decide_incoming(local_clock: Optional[Clock], local_dirty: bool,
     if not local_dirty and order == "before":
         return APPLY_OVERWRITE
     same = same_version() if callable(same_version) else same_version
-    if local_dirty:
-        return APPLY_SETTLE if same else APPLY_CONFLICT
-    return APPLY_SKIP if same else APPLY_CONFLICT
+    if not same:
+        return APPLY_CONFLICT
+    return APPLY_SKIP if order == "equal" and not local_dirty else APPLY_SETTLE
 
 
 _COPY_ID = re.compile(r"^(.+)_local(?:_[0-9]+)?$")  # what conflict_copy_id() names

@@ -84,7 +84,7 @@ def test_clock_merge_and_tick():
     ({"a": 1}, False, False, {"a": 1}, cfs.APPLY_CONFLICT),  # a re-minted clock: keep both
     ({"a": 1}, False, False, {"a": 1, "b": 1}, cfs.APPLY_OVERWRITE),
     ({"a": 2}, False, False, {"a": 1}, cfs.APPLY_SKIP),
-    ({"a": 2}, False, True, {"b": 1}, cfs.APPLY_SKIP),
+    ({"a": 2}, False, True, {"b": 1}, cfs.APPLY_SETTLE),     # the same data: take the cloud clock
     ({"a": 2}, False, False, {"b": 1}, cfs.APPLY_CONFLICT),  # concurrent: never lose one
     ({"a": 2}, True, False, {"a": 1}, cfs.APPLY_KEEP_LOCAL),
     ({"a": 1}, True, True, {"a": 2}, cfs.APPLY_SETTLE),      # our write, ticked by the server
@@ -1493,17 +1493,6 @@ def _copy_server_db(src, dst):
         shutil.copy2(path, dst / path.name)
 
 
-def _restore_server_from(server, backup, keep_high_water=True):
-    """The operator's restore: stop the server, put the backup's server.db in place (the
-    high-water mark beside it stays unless told), start it again on the same port."""
-    assert server.stop() == 0
-    for path in Path(server.data).glob("server.db*"):
-        if not (keep_high_water and path.name.endswith(".highwater")):
-            path.unlink()
-    _copy_server_db(backup, Path(server.data))
-    return start_ref_server(Path(server.data).parent, "--port", str(server.port))
-
-
 def test_a_restored_server_is_noticed_by_a_device_that_only_pushed_since(tmp_path):
     """The device pushed (its pull cursor did not move) and the server was then restored from a
     backup taken before that push: the seq its own rows were stored at is past the restored
@@ -1517,7 +1506,7 @@ def test_a_restored_server_is_noticed_by_a_device_that_only_pushed_since(tmp_pat
     late = [cli_json(laptop, "save", f"pushed only {n}")["id"] for n in range(2)]
     sync(laptop, "--direction", "push")
     # The disk dies with the high-water mark: the device's own pushed seq is what tells.
-    server = _restore_server_from(server, tmp_path / "backup", keep_high_water=False)
+    server = server.restore(tmp_path / "backup", keep_high_water=False)
     try:
         assert set(server_memories(server, key)) == {first}
         report = sync(laptop)
@@ -1540,7 +1529,7 @@ def test_a_restored_server_is_noticed_even_after_others_pushed_past_it(tmp_path)
     server.backup(tmp_path / "backup")
     late = [cli_json(laptop, "save", f"late {n}")["id"] for n in range(2)]
     sync(laptop)
-    server = _restore_server_from(server, tmp_path / "backup")  # the database only: the mark stays
+    server = server.restore(tmp_path / "backup")  # the database only: the mark stays
     try:
         assert "went back from seq" in server.stderr()
         others = [cli_json(desktop, "save", f"desktop {n}")["id"] for n in range(10)]
@@ -1554,6 +1543,37 @@ def test_a_restored_server_is_noticed_even_after_others_pushed_past_it(tmp_path)
         server = start_ref_server(tmp_path / "srv", "--port", str(port))  # a plain restart: same id
         assert "went back" not in server.stderr()
         assert "restored" not in " ".join(sync(laptop)["warnings"])
+    finally:
+        server.stop()
+
+
+def test_one_memory_deleted_twice_across_a_server_restore_ends_with_one_clock_everywhere(tmp_path):
+    """Found by the convergence test's server-restore action: the laptop's delete is pulled by
+    the desktop, the server is restored to before it, and the phone deletes the memory again
+    under another clock. Two tombstones are the same data, so nothing was pulled, and the
+    devices kept clocks the server never had; the next edit of a revived copy, or any compare,
+    then disagreed. Concurrent clocks over the same data settle on the server's."""
+    server = start_ref_server(tmp_path / "srv")
+    key = server.add_user("alice@example.com")
+    laptop, desktop, phone = (make_device(tmp_path, name, server, key) for name in ("laptop", "desktop", "phone"))
+    mem_id = cli_json(laptop, "save", "soon deleted twice")["id"]
+    sync(laptop), sync(desktop), sync(phone)
+    server.backup(tmp_path / "backup")
+    run_cli(laptop, "delete", mem_id)
+    sync(laptop), sync(desktop)                      # the desktop holds the laptop's tombstone
+    server = server.restore(tmp_path / "backup")
+    try:
+        run_cli(phone, "delete", mem_id)             # unaware of the first delete
+        sync(phone)
+        for _ in range(2):
+            for home in (laptop, desktop, phone):
+                sync(home)
+        on_server = server_memories(server, key)[mem_id]
+        assert on_server["deleted_at"]
+        for home in (laptop, desktop, phone):
+            row = local_memories(home)[mem_id]
+            assert (json.loads(row["vector_clock"]), row["dirty"]) == (on_server["vector_clock"], 0), home.name
+            assert row["deleted_at"]
     finally:
         server.stop()
 
@@ -1572,7 +1592,7 @@ def test_a_server_restored_from_an_older_copy_gets_back_what_it_lost(tmp_path):
     late = [cli_json(laptop, "save", f"late {n}")["id"] for n in range(2)]
     sync(laptop)
     # The disk dies, mark and all; the backup is restored: the cursor past its seq tells.
-    server = _restore_server_from(server, tmp_path / "backup", keep_high_water=False)
+    server = server.restore(tmp_path / "backup", keep_high_water=False)
     try:
         assert set(server_memories(server, key)) == set(early)
         report = sync(laptop)
@@ -2823,6 +2843,12 @@ def test_kill_9_during_push_and_pull_loses_nothing(request, server_kind, tmp_pat
           f"{len(trials.expected)} memories, integrity ok, lost 0")
 
 
+def trace(*what):
+    """A line of the convergence run's trace, with CONVERGENCE_TRACE=1 (and pytest -s)."""
+    if os.environ.get("CONVERGENCE_TRACE"):
+        print("TRACE", *what, flush=True)
+
+
 def run_convergence(root, server, seed, steps, devices=3):
     """Seeded random operations on `devices` devices with random syncs; returns (stats, problems).
 
@@ -2844,6 +2870,7 @@ def run_convergence(root, server, seed, steps, devices=3):
 
     def record(d, kind, obj, local_only=False):
         text = obj.content if kind == "memory" else obj.summary
+        trace("record", d, kind, obj.id, text, obj.vector_clock)
         heads[(d, kind, obj.id)] = {"content": text, "clock": dict(obj.vector_clock),
                                     "deleted": obj.deleted_at is not None,
                                     "local_only": local_only or (kind == "memory" and obj.local_only)}
@@ -2858,6 +2885,7 @@ def run_convergence(root, server, seed, steps, devices=3):
             stats["mass_delete_confirmed"] += 1
             report = cfs.cloud_sync(store_closed_home, "pull", force=True)
         stats[f"sync_{direction}"] += 1
+        trace("sync", d, direction, report.conflicts)
         with cfs.open_store(store_closed_home) as store:
             for original, copy in report.conflicts:
                 kind = "memory" if store.get_row("memory", copy) is not None else "session"
@@ -2866,7 +2894,7 @@ def run_convergence(root, server, seed, steps, devices=3):
                     # A clean row in conflict: legitimate only once a home was restored (its
                     # re-minted clock may equal a published one: the published text is kept here
                     # as a copy, and its own writer's head is checked below).
-                    if not stats["restore"]:
+                    if not stats["restore"] and not stats["server_restore"]:
                         problems.append(f"step {stats['steps']}: conflict on {original} with no local write")
                     stats["copies_of_clean_rows"] += 1
                     continue
@@ -2888,17 +2916,26 @@ def run_convergence(root, server, seed, steps, devices=3):
                         f"AND id IN (SELECT value FROM json_each(?))", (json.dumps(list(mine)),)):
                     if text_value == mine[row_id]["content"]:
                         mine[row_id]["clock"] = json.loads(clock_text)
+                    elif cfs.clock_compare(json.loads(clock_text), mine[row_id]["clock"]) == "after":
+                        # Pulled over by an edit made with this write in view: superseded, not
+                        # lost. (Left as a head, a later conflict on the row would pin this
+                        # text on a copy of the newer one.)
+                        del heads[(d, kind, row_id)]
+                        stats["heads_superseded"] += 1
         return report
 
     ops = ["save"] * 18 + ["draft"] * 4 + ["temporary"] * 3 + ["publish"] * 3 + ["edit"] * 22 + ["delete"] * 6 + \
         ["link"] * 7 + ["unlink"] * 2 + ["session"] * 6 + ["resolve"] * 4 + ["sync"] * 28 + \
-        ["snapshot"] * 2 + ["restore"] * 3 + ["copy"] * 1
+        ["snapshot"] * 2 + ["restore"] * 3 + ["copy"] * 1 + \
+        (["server_backup"] * 1 + ["server_restore"] * 1 if hasattr(server, "restore") else [])
+    server_backup = None
     temporary = set()   # ids of temporary memories: they may expire, and must never leave their device
     snapshots = {}      # device -> (backup dir, its heads then): a home backed up, to restore later
     for step in range(steps):
         stats["steps"] = step
         d = rng.randrange(len(homes))
         op = rng.choice(ops)
+        trace("step", step, d, op)
         if op == "sync":
             do_sync(d, homes[d], rng.choice(["push", "pull", "both", "both"]))
             continue
@@ -2925,6 +2962,20 @@ def run_convergence(root, server, seed, steps, devices=3):
             shutil.rmtree(homes[d])
             shutil.copytree(backup, homes[d])
             temporary.clear()  # which temporary memories exist is no longer tracked per device
+            stats[op] += 1
+            continue
+        if op == "server_backup":  # last night's backup of the server
+            server_backup = server.backup(Path(root) / f"server-backup-{step}")
+            stats[op] += 1
+            continue
+        if op == "server_restore" and server_backup is not None:  # … restored by the operator
+            # A write published only after the backup, by a device that has since been restored
+            # too, may now exist nowhere: both backups predate it. The rest must come back.
+            for k in [k for k in heads if isinstance(k[0], str) and not _held_anywhere(homes, k[1], k[2],
+                                                                                       heads[k]["content"])]:
+                del heads[k]
+            server.restore(server_backup)
+            server_backup = None
             stats[op] += 1
             continue
         if op == "copy" and len(homes) < 5:  # the home is copied to a new machine or path
@@ -3059,6 +3110,19 @@ def run_convergence(root, server, seed, steps, devices=3):
         db.close()
     stats["memories_on_server"] = sum(1 for k, _i in server_state if k == "memories")
     return stats, problems
+
+
+def _held_anywhere(homes, kind, row_id, text):
+    """Whether any device home holds this row with this text (live)."""
+    table, column = ("memories", "content") if kind == "memory" else ("sessions", "summary")
+    for home in homes:
+        with sqlite3.connect(home / "sync.db") as db:
+            row = db.execute(f"SELECT {column} FROM {table} WHERE id = ? AND deleted_at IS NULL",
+                             (row_id,)).fetchone()
+        db.close()
+        if row is not None and row[0] == text:
+            return True
+    return False
 
 
 def _sync_fields(kind, row, clock):
