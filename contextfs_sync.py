@@ -14,6 +14,7 @@ cryptography are imported lazily where they are needed).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Container, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Container, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -41,7 +42,8 @@ __all__ = [
     "Config", "load_config", "save_config", "contextfs_home", "device_id", "Store", "open_store",
     # search, crypto, client, sync
     "search_memories", "encrypt_content", "decrypt_content", "derive_passphrase_key",
-    "CloudClient", "SyncEngine", "SyncReport", "cloud_sync", "cloud_status", "cloud_check",
+    "CloudClient", "SyncEngine", "SyncReport", "cloud_sync", "cloud_status", "cloud_check", "cloud_rekey",
+    "cloud_reset_e2ee",
     # semantic index, CLI
     "open_indexed_store", "index_status", "rebuild_index", "main",
 ]
@@ -55,6 +57,11 @@ ENV_SERVER_URL = "CONTEXTFS_SERVER_URL"
 # Exact user-facing messages from the seed contract (seed-sync-skill.md): word for word.
 MSG_DISABLED = "Cloud sync is disabled. Run: contextfs cloud configure --enabled"
 MSG_NO_KEY = "No API key configured. Run: contextfs cloud login"
+MSG_E2EE_WRONG_KEY = ("This passphrase does not open this account's end-to-end encrypted memories "
+                      "(its key check failed){}. Run: contextfs cloud configure --e2ee with the passphrase "
+                      "your other devices use")
+MSG_E2EE_NO_KEY = ("This account's memories are end-to-end encrypted and this device has no passphrase; "
+                   "nothing was pushed (it would have gone up unencrypted). Run: contextfs cloud configure --e2ee")
 
 # Suggested types: the values every ContextFS client understands (protocol.md §3.1: the public
 # client's pull fails on a type outside its enum, so we suggest none outside it).
@@ -300,6 +307,7 @@ class Memory:
     encrypted: bool = False
     dirty: bool = False
     seq: int = 0
+    sealed: bool = False   # the server holds it end-to-end encrypted (as far as this device knows); never sent
     last_modified_by: Optional[str] = None   # set by servers on pulled rows; never stored or sent
 
     @property
@@ -734,6 +742,8 @@ def _conflict_copy(local: Any, copy_id: str, original_id: str, device: str) -> A
 
     kept = _copy.copy(local)
     kept.id, kept.conflict_of = copy_id, original_id
+    if isinstance(kept, Memory):
+        kept.sealed = False  # a new row: the server has never held it
     kept.metadata = dict(local.metadata, conflict_of=original_id)
     kept.vector_clock = clock_tick({}, device) if device else {}
     return kept
@@ -826,6 +836,8 @@ _CONFIG_SCHEMA: Dict[Tuple[str, str], type] = {
     ("cloud", "api_key"): str,
     ("cloud", "e2ee"): bool,
     ("cloud", "e2ee_key"): str,
+    ("cloud", "e2ee_old_key"): str,   # only while `cloud rekey` runs (its resume point)
+    ("cloud", "e2ee_previous_key"): str,  # after a passphrase change: reads rows still under it
     ("cloud", "insecure"): bool,
     ("index", "embedder"): str,
 }
@@ -1184,6 +1196,10 @@ _MIGRATIONS: List[str] = [
     """
     CREATE INDEX memories_expires ON memories (expires_at) WHERE expires_at IS NOT NULL;
     """,
+    # 6: which memories the server holds end-to-end encrypted (one never comes back plain)
+    """
+    ALTER TABLE memories ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 # Full-text search: an external-content FTS5 table kept in step by triggers. Created outside
@@ -1210,13 +1226,13 @@ END;
 _MEMORY_COLUMNS = ("id", "type", "content", "summary", "tags", "namespace_id", "source_repo",
                    "source_file", "session_id", "metadata", "extra", "created_at", "updated_at",
                    "deleted_at", "draft", "expires_at", "vector_clock", "content_hash",
-                   "conflict_of", "encrypted", "dirty", "seq")
+                   "conflict_of", "encrypted", "dirty", "seq", "sealed")
 _SESSION_COLUMNS = ("id", "label", "tool", "repo", "started_at", "ended_at", "summary", "metadata",
                     "extra", "updated_at", "deleted_at", "vector_clock", "conflict_of", "dirty", "seq")
 _EDGE_COLUMNS = ("id", "from_id", "to_id", "relation", "weight", "metadata", "extra",
                  "created_at", "updated_at", "deleted_at", "vector_clock", "dirty", "seq")
 _JSON_COLUMNS = {"tags", "metadata", "extra", "vector_clock"}
-_BOOL_COLUMNS = {"draft", "encrypted", "dirty"}
+_BOOL_COLUMNS = {"draft", "encrypted", "dirty", "sealed"}
 
 
 STORE_CACHE_KIB = 16 * 1024          # SQLite page cache of a store connection
@@ -1442,6 +1458,16 @@ class Store:
         obj.updated_at = utc_now()
         self._write(kind, obj, dirty=True)
 
+    def republish(self, memories: Iterable[Memory]) -> int:
+        """Write these memories again as new local versions (clock ticked, pushed next): live
+        ones this device holds, or tombstones over server rows; returns how many."""
+        count = 0
+        with self.transaction():
+            for memory in memories:
+                self._local_write("memory", memory)
+                count += 1
+        return count
+
     def get_row(self, kind: str, row_id: str) -> Any:
         """A memory, session or edge by exact id, or None."""
         with self._lock:
@@ -1633,14 +1659,16 @@ class Store:
                     "count(*) FILTER (WHERE deleted_at IS NULL AND draft = 1), "
                     "count(*) FILTER (WHERE deleted_at IS NULL AND expires_at IS NOT NULL), "
                     "count(*) FILTER (WHERE deleted_at IS NULL AND conflict_of IS NOT NULL), "
-                    "count(*) FILTER (WHERE dirty = 1 AND draft = 0 AND expires_at IS NULL) FROM memories").fetchone()
+                    "count(*) FILTER (WHERE dirty = 1 AND draft = 0 AND expires_at IS NULL), "
+                    "count(*) FILTER (WHERE deleted_at IS NULL AND dirty = 0 AND sealed = 0 AND draft = 0 "
+                    "AND expires_at IS NULL) FROM memories").fetchone()
             ses = q("SELECT count(*) FILTER (WHERE deleted_at IS NULL), count(*) FILTER (WHERE dirty = 1), "
                     "count(*) FILTER (WHERE deleted_at IS NULL AND conflict_of IS NOT NULL) FROM sessions").fetchone()
             edg = q("SELECT count(*) FILTER (WHERE deleted_at IS NULL), count(*) FILTER (WHERE dirty = 1) "
                     "FROM edges").fetchone()
         return {"memories": mem[0], "drafts": mem[1], "temporary": mem[2], "conflicts": mem[3] + ses[2],
                 "sessions": ses[0], "edges": edg[0],
-                "pending_push": mem[4] + ses[1] + edg[1]}
+                "pending_push": mem[4] + ses[1] + edg[1], "synced_unencrypted": mem[5]}
 
     # -- conflict copies -------------------------------------------------------------------
 
@@ -1754,15 +1782,17 @@ class Store:
                     f"SELECT count(*) FROM memories WHERE {where} AND (deleted_at IS NULL OR dirty = 1)").fetchone()[0]
         return deletions, total
 
-    def mark_pushed(self, kind: str, settled: Dict[str, Tuple[int, Optional[Clock]]]) -> None:
+    def mark_pushed(self, kind: str, settled: Dict[str, Tuple[int, Optional[Clock]]], sealed: bool = False) -> None:
         """Mark pushed rows clean (and take the server's clock when it sent one), but only rows
-        not rewritten since they were read: a write that raced the push stays dirty."""
+        not rewritten since they were read: a write that raced the push stays dirty. ``sealed``:
+        the memories went up end-to-end encrypted."""
         if not settled:
             return
         table = _KINDS[kind][0]
+        also = f", sealed = {int(sealed)}" if kind == "memory" else ""
         with self.transaction():
             self.conn.executemany(
-                f"UPDATE {table} SET dirty = 0, vector_clock = coalesce(?, vector_clock) "
+                f"UPDATE {table} SET dirty = 0, vector_clock = coalesce(?, vector_clock){also} "
                 f"WHERE id = ? AND seq = ? AND dirty = 1",
                 [(_dumps(clock) if clock else None, row_id, seq) for row_id, (seq, clock) in settled.items()])
 
@@ -2698,23 +2728,111 @@ def derive_anchor_key(api_key: str, salt: str) -> bytes:
     return hmac.new(prk, b"contextfs-e2ee-v1" + b"\x01", hashlib.sha256).digest()
 
 
-def encrypt_content(key: bytes, plaintext: str, nonce: Optional[bytes] = None) -> str:
-    """Encrypt memory content to the wire form (random nonce unless given)."""
+# The key check (issue 27): the first device to turn E2EE on for an account stores a known text
+# sealed under its key, as one memory row with a reserved, per-account id (ContextFS Cloud looks
+# rows up by id across accounts) that both servers keep like any other. A passphrase is accepted,
+# and a device pushes, only when its key opens it; a device without a key pushes nothing into an
+# account that has one. The row never enters a local store; it travels in the clear as ciphertext
+# (content_hash over the ciphertext, "encrypted": false), so no client tries to decrypt it.
+E2EE_CHECK_PREFIX = "contextfs-e2ee-check-"
+_E2EE_CHECK_TEXT = "contextfs-sync e2ee key check v1"
+
+
+def e2ee_check_id(user_id: str) -> str:
+    """The id of an account's E2EE key check row."""
+    import hashlib
+
+    return E2EE_CHECK_PREFIX + hashlib.sha256(b"contextfs-sync e2ee check v1\0" + user_id.encode("utf-8")).hexdigest()[:24]
+
+
+def seal_key_check(key: bytes) -> str:
+    """The key check's content: the known text sealed under ``key``."""
+    return encrypt_content(key, _E2EE_CHECK_TEXT)
+
+
+def key_opens_check(key: bytes, sealed: str) -> bool:
+    """Whether ``key`` opens an account's key check."""
+    _aesgcm()  # a missing extra is named, not taken for a wrong key
+    try:
+        return decrypt_content(key, sealed) == _E2EE_CHECK_TEXT
+    except CryptoError:
+        return False
+
+
+def encrypt_content(key: bytes, plaintext: str, nonce: Optional[bytes] = None, bind: Optional[str] = None) -> str:
+    """Encrypt memory content to the wire form (random nonce unless given). With ``bind`` (the
+    memory id) it is our format: marked, and bound to that id (it opens under no other)."""
     nonce = nonce if nonce is not None else os.urandom(12)
-    sealed = _aesgcm()(key).encrypt(nonce, plaintext.encode("utf-8"), None)
-    return b64url_encode(nonce + sealed, pad=True)
+    sealed = _aesgcm()(key).encrypt(nonce, plaintext.encode("utf-8"), None if bind is None else _bound_to(bind))
+    token = b64url_encode(nonce + sealed, pad=True)
+    return token if bind is None else SEALED_MARK + token
 
 
-def decrypt_content(key: bytes, token: str) -> str:
-    """Decrypt wire-form content; a wrong key raises CryptoError (never returns ciphertext)."""
+def decrypt_content(key: bytes, token: str, bind: Optional[str] = None) -> str:
+    """Decrypt wire-form content; a wrong key, or our format under another id than ``bind``,
+    raises CryptoError (never returns ciphertext)."""
     aesgcm = _aesgcm()
+    aad = None
+    if token.startswith(SEALED_MARK):
+        token, aad = token[len(SEALED_MARK):], _bound_to(bind or "")
     try:
         raw = b64url_decode(token)
         if len(raw) < 12 + 16:
             raise ValueError("too short")
-        return aesgcm(key).decrypt(raw[:12], raw[12:], None).decode("utf-8")
+        return aesgcm(key).decrypt(raw[:12], raw[12:], aad).decode("utf-8")
     except Exception as exc:  # InvalidTag, bad base64, bad UTF-8: all mean "cannot decrypt"
         raise CryptoError(f"cannot decrypt content ({type(exc).__name__})") from None
+
+
+# Our format (issue 27): "cfs2." + base64url(nonce‖ciphertext‖tag), the AES-GCM associated data
+# naming the format and the memory id, so a ciphertext moved to another row, or served for
+# another id, does not open. The mark tells it from the public client's format (no mark, no
+# associated data; '.' is not base64url), since ContextFS Cloud drops the "encrypted" flag.
+SEALED_MARK = "cfs2."
+
+
+def _bound_to(memory_id: str) -> bytes:
+    return b"contextfs-sync e2ee v2\0" + memory_id.encode("utf-8")
+
+
+def seal_memory(key: bytes, wire: dict) -> dict:
+    """A wire memory sealed in our format: content, summary, tags, metadata and source repo and
+    file travel inside one ciphertext bound to the id; outside it they are empty (the id, type,
+    namespace, session id, timestamps, clock and content_hash stay visible)."""
+    payload = json.dumps({"content": wire["content"], "summary": wire.get("summary"), "tags": wire.get("tags") or [],
+                          "metadata": wire.get("metadata") or {}, "source_repo": wire.get("source_repo"),
+                          "source_file": wire.get("source_file")}, ensure_ascii=False, separators=(",", ":"))
+    return dict(wire, content=encrypt_content(key, payload, bind=wire["id"]), summary=None, tags=[], metadata={},
+                source_repo=None, source_file=None, encrypted=True)
+
+
+def open_memory(key: bytes, memory: Any) -> bool:
+    """Decrypt a pulled memory in place (our format, or the public client's and older ones:
+    content only); False, and the memory untouched, unless it opens and matches content_hash."""
+    try:
+        plaintext = decrypt_content(key, memory.content, bind=memory.id)
+    except CryptoError:
+        return False
+    fields: Dict[str, Any] = {"content": plaintext}
+    if memory.content.startswith(SEALED_MARK):
+        try:
+            fields = json.loads(plaintext)
+        except ValueError:
+            return False
+        if not (isinstance(fields, dict) and isinstance(fields.get("content"), str)
+                and isinstance(fields.get("summary"), (str, type(None))) and isinstance(fields.get("tags"), list)
+                and all(isinstance(t, str) for t in fields["tags"]) and isinstance(fields.get("metadata"), dict)):
+            return False
+    if memory.content_hash and content_hash(fields["content"]) != memory.content_hash:
+        return False
+    memory.content = fields["content"]
+    if "metadata" in fields:
+        memory.summary, memory.tags, memory.metadata = fields["summary"], fields["tags"], fields["metadata"]
+        memory.source_repo, memory.source_file = fields.get("source_repo"), fields.get("source_file")
+        mark = fields["metadata"].get("conflict_of")
+        memory.conflict_of = mark if isinstance(mark, str) and mark else memory.conflict_of
+    memory.content_hash, memory.encrypted, memory.sealed = content_hash(memory.content), False, True
+    return True
 
 
 # ---- 9. HTTP client ----------------------------------------------------------------------
@@ -2999,6 +3117,7 @@ class SyncReport:
     conflicts: List[Tuple[str, str]] = field(default_factory=list)  # (id, local copy id)
     deletes_undone: List[str] = field(default_factory=list)  # our deletes that lost to an edit elsewhere
     refused: Dict[str, str] = field(default_factory=dict)    # id -> why the server refused it
+    unreadable: Dict[str, str] = field(default_factory=dict)  # pulled, left out: id -> why
     plan: List[dict] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
     duration_ms: int = 0
@@ -3015,6 +3134,9 @@ class SyncReport:
         if self.refused:
             text += (f", {len(self.refused)} refused by the server and left pending: "
                      + "; ".join(f"{i} ({why})" for i, why in list(self.refused.items())[:5]))
+        if self.unreadable:
+            text += (f", {len(self.unreadable)} pulled memor{'y' if len(self.unreadable) == 1 else 'ies'} left out "
+                     f"(tried again next sync): " + "; ".join(f"{i} ({why})" for i, why in list(self.unreadable.items())[:5]))
         return ("dry run: would have " + text) if self.dry_run else text
 
     def to_dict(self) -> dict:
@@ -3023,6 +3145,7 @@ class SyncReport:
                 "pulled": dict(self.pulled), "rejected": self.rejected,
                 "conflicts": [{"id": i, "local_copy": c} for i, c in self.conflicts],
                 "deletes_undone": list(self.deletes_undone), "refused": dict(self.refused),
+                "unreadable": dict(self.unreadable),
                 "plan": self.plan, "warnings": self.warnings, "duration_ms": self.duration_ms,
                 "summary": self.summary()}
 
@@ -3109,6 +3232,36 @@ def e2ee_key(cfg: Config) -> Optional[bytes]:
     return key
 
 
+def lookup_key_check(client: "CloudClient", device: str, check_id: str,
+                     manifest: Sequence[dict] = ()) -> Tuple[Optional[Memory], List[Memory]]:
+    """The account's key check (None when it has none: its content is the sealed text) and the
+    other memories the server returned, in one /api/sync/diff: with the check's id under a hash
+    no content has, a live check always comes back; so does every memory not in ``manifest``."""
+    response = client.diff(device, [*manifest, {"id": check_id, "content_hash": "-"}], [], [])
+    check, others = None, []
+    for item in response.get("missing_memories") or []:
+        try:
+            memory = Memory.from_wire(item)
+        except ValueError:
+            continue
+        if memory.id == check_id:
+            check = memory if memory.deleted_at is None and memory.content else None
+        elif not memory.id.startswith(E2EE_CHECK_PREFIX):
+            others.append(memory)
+    return check, others
+
+
+def key_check_wire(check_id: str, sealed: str, device: str, replaces: Optional[Memory] = None) -> dict:
+    """The key check as a memory on the wire (plain as far as any server or client can tell);
+    newer than the check it ``replaces`` (a rekey)."""
+    now = utc_now()
+    return Memory(id=check_id, content=sealed, type="fact", tags=["contextfs-e2ee-check"],
+                  summary="contextfs-sync: end-to-end encryption key check (not a memory; keep it)",
+                  created_at=now, updated_at=now,
+                  vector_clock=clock_tick(replaces.vector_clock if replaces is not None else {}, device),
+                  content_hash=content_hash(sealed)).to_wire()
+
+
 class SyncEngine:
     """Plans and applies a sync between one Store and one CloudClient (design.md, Sync).
 
@@ -3119,11 +3272,14 @@ class SyncEngine:
     """
 
     def __init__(self, store: Store, client: CloudClient, cfg: Config, key: Optional[bytes] = None,
-                 progress: Optional[Callable[[str], None]] = None):
+                 progress: Optional[Callable[[str], None]] = None, old_key: Optional[bytes] = None):
         self.store = store
         self.client = client
         self.cfg = cfg
         self.key = key
+        self.old_key = old_key  # during a rekey: rows still under it are read, then uploaded again
+        self._under_old_key: List[str] = []
+        self.opened_with_old_key = 0
         self.progress = progress or (lambda message: None)
         # Cursors belong to one server and one account: switching either starts afresh.
         self.scope = _sync_scope(client.server_url, client.api_key)
@@ -3133,6 +3289,8 @@ class SyncEngine:
         self._own_seqs: Optional[Tuple[int, int]] = None
         self._anchor_keys: Optional[List[bytes]] = None
         self._cursorless = False  # the server pages by time (ContextFS Cloud), learned per pull
+        self._unreadable: Dict[str, str] = {}  # pulled rows left out: id -> why (tried again next sync)
+        self._unreadable_before = bool(store.state(f"unreadable|{self.scope}"))
         self._keys_lock = threading.Lock()
         self._damaged = 0  # pulled memories whose content did not match their hash
 
@@ -3156,8 +3314,11 @@ class SyncEngine:
             report.warnings.append(f"{self._damaged} pulled memor{'y' if self._damaged == 1 else 'ies'} did not match "
                                    f"{'its' if self._damaged == 1 else 'their'} content hash (damaged on the server or "
                                    f"on the way); the local copies were kept")
+        report.unreadable = dict(self._unreadable)
         if not dry_run:
             self.store.set_state(f"refused|{self.scope}", _dumps(report.refused) if report.refused else None)
+            if direction != "push":
+                self.store.set_state(f"unreadable|{self.scope}", _dumps(report.unreadable) if report.unreadable else None)
         return report
 
     def _say_if_copied(self, report: SyncReport) -> None:
@@ -3192,9 +3353,8 @@ class SyncEngine:
 
     def _wire(self, kind: str, obj: Any) -> dict:
         wire = obj.to_wire()
-        if kind == "memory" and self.key is not None and wire["content"]:
-            wire["content"] = encrypt_content(self.key, obj.content)
-            wire["encrypted"] = True  # content_hash stays the plaintext's (protocol.md §9)
+        if kind == "memory" and self.key is not None and wire["deleted_at"] is None:
+            wire = seal_memory(self.key, wire)  # content_hash stays the plaintext's (protocol.md §9)
         return wire
 
     def push(self, report: SyncReport, push_all: bool = False, force: bool = False,
@@ -3212,13 +3372,87 @@ class SyncEngine:
                     if len(report.plan) < PLAN_LIMIT:
                         report.plan.append(op.to_dict())
             return
-        self._push_batches(report, self._push_batches_of(push_all), force)
+        batches = self._push_batches_of(push_all)
+        first = next(batches, None)  # encoded, not sent
+        if first is not None:
+            self._e2ee_gate()
+            self._push_batches(report, itertools.chain([first], batches), force)
         self.store.set_state("last_push_at", utc_now())
         if self._own_seqs is not None:
             # The highest seq our own rows were stored at: a server whose highest seq is lower
             # lost them, even if this device's pull cursor is behind (it pushed, never pulled).
             known = int(self.store.state(f"pushed_seq|{self.scope}") or 0)
             self.store.set_state(f"pushed_seq|{self.scope}", str(max(known, self._own_seqs[1])))
+
+    # -- end-to-end encryption: the key check ----------------------------------------------
+
+    def _check_id(self) -> str:
+        """This account's key check id (the account id is asked once per server and key)."""
+        state = f"account|{self.scope}"
+        user_id = self.store.state(state)
+        if not user_id:
+            user_id = self.client.me().get("id")
+            if not isinstance(user_id, str) or not user_id:
+                raise ServerError(f"{self.client.server_url} did not say which account this API key belongs to "
+                                  "(GET /api/auth/me)")
+            self.store.set_state(state, user_id)
+        return e2ee_check_id(user_id)
+
+    def _lookup_key_check(self) -> Optional[Memory]:
+        """Ask the server for the key check (our rows listed, so only what we lack comes back)."""
+        manifest = [{"id": i, "content_hash": h} for i, h, _deleted, _dirty in self.store.manifest("memory")]
+        check, _others = lookup_key_check(self.client, self.store.device_id, self._check_id(), manifest)
+        self.store.set_state(f"e2ee_check|{self.scope}", check.content if check is not None else "-")
+        return check
+
+    def _e2ee_gate(self) -> None:
+        """Before anything is pushed: no plaintext into an account that has a key check, no rows
+        under a key that fails it; the first device with E2EE on an account writes the check."""
+        sealed = self.store.state(f"e2ee_check|{self.scope}")
+        if sealed is None or (sealed == "-" and self.key is not None):
+            # Never looked on this server and account, or about to write a check: look (again).
+            check = self._lookup_key_check()
+            sealed = check.content if check is not None else "-"
+        if self.key is None:
+            if sealed != "-":
+                raise NotConfigured(MSG_E2EE_NO_KEY)
+            return
+        if sealed == "-":
+            self._write_key_check()
+        elif not key_opens_check(self.key, sealed):
+            raise CryptoError(MSG_E2EE_WRONG_KEY.format("; nothing was pushed"))
+
+    def _write_key_check(self) -> None:
+        """Store this account's key check, sealed under this device's key."""
+        sealed = seal_key_check(self.key)
+        device = self.store.device_id
+        response = self.client.push(device, [key_check_wire(self._check_id(), sealed, device)], [], [])
+        results = response.get("results")
+        if isinstance(results, list):   # our server: one verdict per item
+            accepted = any(isinstance(r, dict) and r.get("status") == "accepted" for r in results)
+        else:                           # ContextFS Cloud: counts only
+            accepted = not response.get("rejected") and not response.get("conflicts")
+        if accepted:
+            self.store.set_state(f"e2ee_check|{self.scope}", sealed)
+            return
+        # Another device wrote one first: ours must open it.
+        found = self._lookup_key_check()
+        if found is None:
+            raise ServerError("The server did not keep this account's E2EE key check; nothing was pushed")
+        if not key_opens_check(self.key, found.content):
+            raise CryptoError(MSG_E2EE_WRONG_KEY.format("; nothing was pushed"))
+
+    def _key_checked(self) -> bool:
+        """Whether this device's key opens the account's key check (as last seen)."""
+        sealed = self.store.state(f"e2ee_check|{self.scope}")
+        return self.key is not None and bool(sealed) and sealed != "-" and key_opens_check(self.key, sealed)
+
+    def _note_key_check(self, memory: Memory) -> None:
+        """A pulled key check: remembered (never stored as a memory), and it must open with our key."""
+        sealed = memory.content if memory.deleted_at is None and memory.content else "-"
+        self.store.set_state(f"e2ee_check|{self.scope}", sealed)
+        if self.key is not None and sealed != "-" and not key_opens_check(self.key, sealed):
+            raise CryptoError(MSG_E2EE_WRONG_KEY.format(" (was it changed on another device?); nothing was stored"))
 
     def _push_batches_of(self, push_all: bool) -> Iterator[Tuple[str, List[Tuple[Tuple[str, int], bytes]]]]:
         """(kind, batch) to push, in order: sessions and memories before edges, so an edge never
@@ -3332,7 +3566,7 @@ class SyncEngine:
             conflicts = response.get("conflicts") or []
             if not response.get("rejected") and not conflicts:
                 settled = {row_id: (seq, None) for row_id, seq in seqs.items()}
-        self.store.mark_pushed(kind, settled)
+        self.store.mark_pushed(kind, settled, sealed=self.key is not None)
         return len(settled)
 
     # -- pull --------------------------------------------------------------------------------
@@ -3430,10 +3664,13 @@ class SyncEngine:
             held, self._held_edges = self._held_edges, []
             self._apply({"memory": [], "session": [], "edge": held}, report, dry_run, None, None, hold=False)
         repush = False
-        if (timestamp_server or restored) and not dry_run:
+        if (timestamp_server or restored or self._unreadable_before) and not dry_run:
             # A timestamp cursor misses rows pushed late with an old updated_at (protocol.md §8 b):
             # reconcile by content with the diff endpoint, as the public client's own sync does.
             repush = self._reconcile(report)
+        if self._under_old_key and not dry_run:  # a rekey's stragglers: up again under the new key
+            repush = self.store.mark_dirty("memory", self._under_old_key) > 0 or repush
+            self._under_old_key = []
         behind = sum(self.store.mark_dirty(kind, ids) for kind, ids in self._server_behind.items()) \
             if self._server_behind and not dry_run else 0
         if behind:
@@ -3575,11 +3812,22 @@ class SyncEngine:
         metadata. Reads the store, so it runs on the applying thread, never on the prefetch
         worker (one SQLite connection is not to be used from two threads at once).
         ``unverified`` (from _parse_page) names the only ones that need a closer look."""
-        if unverified is None:
-            readable = [memory for memory in memories if self._readable(memory)]
-        else:
-            suspect = set(unverified)
-            readable = [memory for n, memory in enumerate(memories) if n not in suspect or self._readable(memory)]
+        suspect = set(range(len(memories)) if unverified is None else unverified)
+        readable = []
+        for n, memory in enumerate(memories):
+            if memory.id.startswith(E2EE_CHECK_PREFIX):
+                self._note_key_check(memory)
+            elif n not in suspect or self._readable(memory):
+                readable.append(memory)
+        if self.key is not None:
+            # A memory the server held encrypted never comes back as plain text unnoticed (a
+            # server, or a client without the passphrase, rewriting it): refused and named.
+            plain = [m.id for m in readable if not m.sealed and m.deleted_at is None]
+            local = self.store.local_versions("memory", plain) if plain else {}
+            downgraded = {i for i, row in local.items() if row.sealed and row.deleted_at is None}
+            for memory_id in downgraded:
+                self._unreadable[memory_id] = "came back unencrypted though the server held it end-to-end encrypted"
+            readable = [m for m in readable if m.id not in downgraded]
         self._learn_metadata_drop(readable)
         return readable
 
@@ -3607,26 +3855,28 @@ class SyncEngine:
         """
         if _hash_matches(memory):
             return True
-        expected = memory.content_hash
         if memory.deleted_at is not None and not memory.content:
             memory.encrypted, memory.content_hash = False, content_hash("")
             return True
         looks_sealed = memory.encrypted or _looks_like_ciphertext(memory.content)
-        keys = ([self.key] if self.key is not None else []) + (self._public_client_keys() if looks_sealed else [])
+        keys = [k for k in (self.key, self.old_key) if k is not None] + \
+            (self._public_client_keys() if looks_sealed else [])
         for key in keys:
-            try:
-                plaintext = decrypt_content(key, memory.content)
-            except CryptoError:
-                continue
-            if not expected or content_hash(plaintext) == expected:
-                memory.content, memory.encrypted = plaintext, False
-                memory.content_hash = content_hash(plaintext)
+            if open_memory(key, memory):
+                if key is self.old_key:
+                    self._under_old_key.append(memory.id)
+                    self.opened_with_old_key += 1
                 return True
         if looks_sealed:
             if self.key is None:
                 _aesgcm()  # names the missing extra when cryptography is not installed
                 raise CryptoError(f"Memory {memory.id} is end-to-end encrypted and this device has no passphrase. "
                                   f"Run: contextfs cloud configure --e2ee (nothing was stored)", EXIT_NOT_CONFIGURED)
+            if self._key_checked():
+                # The key is right (it opens the account's key check): this row was damaged or
+                # tampered with. It alone is left out; the rest of the sync goes on.
+                self._unreadable[memory.id] = "failed its integrity check"
+                return False
             raise CryptoError(f"Cannot decrypt memory {memory.id}: wrong E2EE passphrase on this device? "
                               f"Run: contextfs cloud configure --e2ee (nothing was stored)")
         # Plain text that does not match its hash: damaged on the way. Never let it replace
@@ -3670,16 +3920,19 @@ def _hash_matches(memory: "Memory") -> bool:
 
 def _looks_like_ciphertext(text: str) -> bool:
     """Whether content has the wire form of sealed content (base64url of nonce‖ciphertext‖tag)."""
+    if text.startswith(SEALED_MARK):
+        text = text[len(SEALED_MARK):]
     return len(text) >= 40 and re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", text) is not None
 
 
-def _refused_rows(store: Store, cfg: Config) -> Dict[str, str]:
-    """The rows the server refused at the last sync with this server and account: id -> why."""
+def _last_sync_rows(store: Store, cfg: Config, what: str) -> Dict[str, str]:
+    """Rows the last sync with this server and account left aside: ``refused`` by the server,
+    or pulled and ``unreadable`` here; id -> why."""
     try:
         url = check_server_url(cfg.server_url, True)
     except ContextFSError:
         return {}
-    return json.loads(store.state(f"refused|{_sync_scope(url, cfg.api_key)}") or "{}")
+    return json.loads(store.state(f"{what}|{_sync_scope(url, cfg.api_key)}") or "{}")
 
 
 def _sync_scope(server_url: str, api_key: Optional[str]) -> str:
@@ -3711,10 +3964,119 @@ def cloud_sync(home: Optional[Path] = None, direction: str = "both", push_all: b
     cfg = load_config(home)
     require_cloud(cfg)
     key = e2ee_key(cfg)
+    if cfg.get("cloud", "e2ee_old_key"):
+        raise NotConfigured("A passphrase change (contextfs cloud rekey) was interrupted on this device; finish it "
+                            "first: contextfs cloud rekey (with the same new passphrase)")
+    previous = cfg.get("cloud", "e2ee_previous_key")
     with SyncLock(cfg.home), open_store(cfg.home) as store, _client_for(cfg) as client:
-        report = SyncEngine(store, client, cfg, key, progress).run(direction, push_all, force, dry_run)
+        engine = SyncEngine(store, client, cfg, key, progress,
+                            old_key=b64url_decode(previous) if previous and key is not None else None)
+        report = engine.run(direction, push_all, force, dry_run)
+    if previous and direction == "both" and not dry_run and not engine.opened_with_old_key:
+        # A whole sync found nothing left under the previous passphrase: forget it.
+        cfg.set("cloud", "e2ee_previous_key", None)
+        save_config(cfg)
     report.duration_ms = int((time.monotonic() - started) * 1000)
     return report
+
+
+def cloud_rekey(home: Optional[Path], passphrase: str,
+                progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Re-encrypt every memory on the server under a new passphrase. Resumable: after a crash,
+    run it again with the same new passphrase (until then this device's syncs stop and say so).
+
+    Order: sync under the current key; save the new key with the old one kept beside it (the
+    resume point); move the key check to the new key (other devices' passphrases stop opening
+    it, so they stop and are told); mark every memory for upload and sync (rows still under
+    the old key, pushed meanwhile by a device that did not know yet, are read with the old key
+    and uploaded again); forget the old key.
+    """
+    cfg = load_config(home)
+    require_cloud(cfg)
+    if not cfg.e2ee:
+        raise UsageError("End-to-end encryption is off on this device; turn it on first: contextfs cloud configure --e2ee")
+    current, resuming = e2ee_key(cfg), cfg.get("cloud", "e2ee_old_key")
+    with SyncLock(cfg.home), open_store(cfg.home) as store, _client_for(cfg) as client:
+        user_id = client.me().get("id")
+        if not isinstance(user_id, str) or not user_id:
+            raise ServerError(f"{cfg.server_url} did not say which account this API key belongs to (GET /api/auth/me)")
+        new = derive_passphrase_key(passphrase, account_salt(user_id))
+        if resuming:
+            old = b64url_decode(resuming)
+            if new != current:
+                raise UsageError("An unfinished passphrase change to another passphrase is pending here; run "
+                                 "contextfs cloud rekey again with that one; nothing was changed")
+        else:
+            if new == current:
+                raise UsageError("That is the passphrase in use; nothing was changed")
+            SyncEngine(store, client, cfg, current, progress).run("both")
+            old = current
+            cfg.set("cloud", "e2ee_old_key", b64url_encode(old))
+            cfg.set("cloud", "e2ee_key", b64url_encode(new))
+            save_config(cfg)
+        engine = SyncEngine(store, client, cfg, new, progress, old_key=old)
+        check = engine._lookup_key_check()
+        if check is None or not key_opens_check(new, check.content):
+            if check is not None and not key_opens_check(old, check.content):
+                raise CryptoError("This account's key check opens with neither the old nor the new passphrase: "
+                                  "another device changed it meanwhile. Nothing more was changed here")
+            device = store.device_id
+            client.push(device, [key_check_wire(engine._check_id(), seal_key_check(new), device, replaces=check)], [], [])
+            check = engine._lookup_key_check()
+            if check is None or not key_opens_check(new, check.content):
+                raise ServerError("The server did not take the new key check; run contextfs cloud rekey again")
+        marked = 0
+        if store.state(f"rekey_marked|{engine.scope}") != "1":
+            marked = store.mark_dirty("memory", [i for i, _h, deleted, dirty in store.manifest("memory")
+                                                 if not deleted and not dirty])
+            store.set_state(f"rekey_marked|{engine.scope}", "1")
+        report = engine.run("both")
+        store.set_state(f"rekey_marked|{engine.scope}", None)
+    cfg.set("cloud", "e2ee_previous_key", resuming or b64url_encode(old))  # stragglers, see cloud_sync
+    cfg.set("cloud", "e2ee_old_key", None)
+    save_config(cfg)
+    return {"reencrypted": report.pushed["memories"], "marked": marked, "report": report.to_dict()}
+
+
+def cloud_reset_e2ee(home: Optional[Path], passphrase: str, keep_unreadable: bool = False,
+                     confirm: Callable[[dict], bool] = lambda plan: True,
+                     progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Start an account's end-to-end encryption over under a new passphrase (the old one is
+    lost). ``confirm(plan)`` sees what will happen first: every memory this device holds goes
+    up again under the new key; the server's memories this device does not hold cannot be read
+    by anyone, and are deleted there unless ``keep_unreadable``."""
+    cfg = load_config(home)
+    require_cloud(cfg)
+    with SyncLock(cfg.home), open_store(cfg.home) as store, _client_for(cfg) as client:
+        user_id = client.me().get("id")
+        if not isinstance(user_id, str) or not user_id:
+            raise ServerError(f"{cfg.server_url} did not say which account this API key belongs to (GET /api/auth/me)")
+        new = derive_passphrase_key(passphrase, account_salt(user_id))
+        manifest = store.manifest("memory")
+        local = {i for i, _h, _deleted, _dirty in manifest}
+        check, others = lookup_key_check(client, store.device_id, e2ee_check_id(user_id),
+                                         [{"id": i, "content_hash": h} for i, h, _d, _dirty in manifest])
+        # What the server holds that this device does not: sealed, it is lost with the passphrase.
+        lost = [m for m in others if m.id not in local and m.deleted_at is None and not _hash_matches(m)]
+        mine = [m for m in store.list(limit=10_000_000) if not m.local_only]
+        plan = {"reupload": len(mine), "unreadable": [m.id for m in lost], "keep_unreadable": keep_unreadable}
+        if not confirm(plan):
+            raise UsageError("Nothing was changed")
+        device = store.device_id
+        client.push(device, [key_check_wire(e2ee_check_id(user_id), seal_key_check(new), device, replaces=check)], [], [])
+        for memory in lost:
+            memory.deleted_at = utc_now()   # a tombstone newer than what nobody can read
+        store.republish(mine + ([] if keep_unreadable else lost))
+        cfg.set("cloud", "e2ee", True)
+        cfg.set("cloud", "e2ee_key", b64url_encode(new))
+        for name in ("e2ee_old_key", "e2ee_previous_key"):
+            cfg.set("cloud", name, None)
+        save_config(cfg)
+        engine = SyncEngine(store, client, cfg, new, progress)
+        store.set_state(f"e2ee_check|{engine.scope}", None)  # looked up again before the push
+        report = engine.run("both")
+    return {"reuploaded": len(mine), "deleted_on_server": 0 if keep_unreadable else len(lost),
+            "kept_unreadable": len(lost) if keep_unreadable else 0, "report": report.to_dict()}
 
 
 def cloud_status(home: Optional[Path] = None, remote: bool = True) -> dict:
@@ -3727,7 +4089,8 @@ def cloud_status(home: Optional[Path] = None, remote: bool = True) -> dict:
             "e2ee": cfg.e2ee, "device_id": store.device_id, "previous_device_id": previous_device_id(cfg.home),
             "last_push_at": store.state("last_push_at"), "last_pull_at": store.state("last_pull_at"),
             "pending_push": counts["pending_push"], "conflicts": counts["conflicts"], "local": counts,
-            "refused": _refused_rows(store, cfg),
+            "refused": _last_sync_rows(store, cfg, "refused"),
+            "unreadable": _last_sync_rows(store, cfg, "unreadable"),
             "server": None}
         if remote and cfg.enabled and cfg.api_key:
             try:
@@ -3769,6 +4132,8 @@ def cloud_check(home: Optional[Path] = None) -> dict:
     for item in response.get("missing_memories") or []:
         if not isinstance(item, dict):
             continue
+        if str(item.get("id")).startswith(E2EE_CHECK_PREFIX):
+            continue  # the account's E2EE key check: never a local row
         if item.get("id") not in local_hashes:
             only_server.append(item.get("id"))
         elif item.get("deleted_at") is None or not local_hashes[item["id"]][1]:
@@ -4779,6 +5144,8 @@ def cmd_cloud_logout(args: argparse.Namespace) -> int:
     had_key = bool(cfg.get("cloud", "api_key"))
     cfg.set("cloud", "api_key", None)
     cfg.set("cloud", "e2ee_key", None)
+    cfg.set("cloud", "e2ee_old_key", None)
+    cfg.set("cloud", "e2ee_previous_key", None)
     save_config(cfg)
     print(f"Logged out: API key removed from {cfg.path}" if had_key else "Not logged in")
     if os.environ.get(ENV_API_KEY):
@@ -4801,19 +5168,29 @@ def cmd_cloud_configure(args: argparse.Namespace) -> int:
             raise NotConfigured(MSG_NO_KEY)
         with _client_for(cfg) as client:
             user_id = client.me().get("id")
-        if not isinstance(user_id, str) or not user_id:
-            raise ServerError(f"{cfg.server_url} did not say which account this API key belongs to "
-                              "(GET /api/auth/me); E2EE needs it")
-        salt = account_salt(user_id)
-        passphrase = _read_secret("E2EE passphrase (the same on every device): ", args.passphrase_stdin)
-        if not args.passphrase_stdin and sys.stdin.isatty():
-            if _read_secret("Repeat the passphrase: ", False) != passphrase:
-                raise UsageError("The passphrases do not match; nothing was changed")
+            if not isinstance(user_id, str) or not user_id:
+                raise ServerError(f"{cfg.server_url} did not say which account this API key belongs to "
+                                  "(GET /api/auth/me); E2EE needs it")
+            passphrase = _ask_passphrase("E2EE passphrase (the same on every device): ", args.passphrase_stdin,
+                                         args.weak)
+            key = derive_passphrase_key(passphrase, account_salt(user_id))
+            with open_store(cfg.home) as store:
+                _verify_or_write_key_check(client, store.device_id, user_id, key)
+                if cfg.get("cloud", "e2ee_key") and cfg.get("cloud", "e2ee_key") != b64url_encode(key):
+                    # The passphrase changed (cloud rekey on another device): what this device
+                    # pushed under the old key in the meantime goes up again under the new one,
+                    # and the old key stays, for reading only, until a sync finds nothing under it.
+                    store.mark_dirty("memory", [i for i, _h, deleted, dirty in store.manifest("memory")
+                                                if not deleted and not dirty])
+                    cfg.set("cloud", "e2ee_previous_key", cfg.get("cloud", "e2ee_key"))
         cfg.set("cloud", "e2ee", True)
-        cfg.set("cloud", "e2ee_key", b64url_encode(derive_passphrase_key(passphrase, salt)))
+        cfg.set("cloud", "e2ee_key", b64url_encode(key))
     elif args.e2ee is False:
+        if cfg.e2ee and cfg.enabled and cfg.api_key and not args.yes:
+            _confirm_plaintext(cfg)
         cfg.set("cloud", "e2ee", False)
-        cfg.set("cloud", "e2ee_key", None)
+        for name in ("e2ee_key", "e2ee_old_key", "e2ee_previous_key"):
+            cfg.set("cloud", name, None)
     save_config(cfg)
     view = {"enabled": cfg.enabled, "server_url": cfg.server_url, "api_key": mask_key(cfg.api_key),
             "e2ee": cfg.e2ee}
@@ -4826,6 +5203,100 @@ def cmd_cloud_configure(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+E2EE_MIN_PASSPHRASE = 12  # characters, unless --weak
+
+
+def _ask_passphrase(prompt: str, from_stdin: bool, weak: bool = False) -> str:
+    """Read a passphrase (twice at a terminal); refuse a short one unless ``weak``."""
+    passphrase = _read_secret(prompt, from_stdin)
+    if len(passphrase) < E2EE_MIN_PASSPHRASE and not weak:
+        raise UsageError(f"The passphrase is shorter than {E2EE_MIN_PASSPHRASE} characters: anyone who gets the "
+                         f"server's data could guess it. Choose a longer one (or pass --weak); nothing was changed")
+    if not from_stdin and sys.stdin.isatty():
+        if _read_secret("Repeat the passphrase: ", False) != passphrase:
+            raise UsageError("The passphrases do not match; nothing was changed")
+    return passphrase
+
+
+def _verify_or_write_key_check(client: CloudClient, device: str, user_id: str, key: bytes) -> None:
+    """A new passphrase must open the account's key check; an account without one gets one
+    (unless it holds encrypted memories this key cannot open: then it is refused too)."""
+    check_id = e2ee_check_id(user_id)
+    check, others = lookup_key_check(client, device, check_id)
+    if check is not None:
+        if not key_opens_check(key, check.content):
+            raise CryptoError(MSG_E2EE_WRONG_KEY.format("; nothing was changed"))
+        return
+    # No check yet (the first device, or content encrypted before checks existed): the key must
+    # open what the account already holds sealed, if anything.
+    sealed_rows = [m for m in others if m.deleted_at is None and not _hash_matches(m)
+                   and (m.encrypted or _looks_like_ciphertext(m.content))]
+    if sealed_rows and not any(open_memory(key, m) for m in sealed_rows[:20]):
+        raise CryptoError(MSG_E2EE_WRONG_KEY.format("; nothing was changed"))
+    client.push(device, [key_check_wire(check_id, seal_key_check(key), device)], [], [])
+
+
+def _confirm_plaintext(cfg: Config) -> None:
+    """Turning E2EE off on an account whose memories are encrypted: say what follows, and ask."""
+    say = ("This account's memories are end-to-end encrypted. Without a passphrase this device can no "
+           "longer read them, and its syncs stop before pushing: new memories stay on this device "
+           "(nothing goes up unencrypted).")
+    if not sys.stdin.isatty():
+        raise UsageError(say + " To turn E2EE off here anyway, run again with --yes")
+    print(say, file=sys.stderr)
+    if input("Turn end-to-end encryption off on this device? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise UsageError("Nothing was changed")
+
+
+def cmd_cloud_rekey(args: argparse.Namespace) -> int:
+    """contextfs cloud rekey [--passphrase-stdin] [--weak]"""
+    passphrase = _ask_passphrase("New E2EE passphrase: ", args.passphrase_stdin, args.weak)
+    progress = None if args.json else _progress_printer()
+    result = cloud_rekey(None, passphrase, progress)
+    if progress:
+        sys.stderr.write("\r")
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    print(f"Re-encrypted {result['reencrypted']} memories under the new passphrase.")
+    print("On each other device run: contextfs cloud configure --e2ee (with the new passphrase); "
+          "until then their syncs stop and say why.")
+    for warning in result["report"]["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_cloud_reset_e2ee(args: argparse.Namespace) -> int:
+    """contextfs cloud reset-e2ee [--passphrase-stdin] [--weak] [--keep-unreadable] [--yes]"""
+    passphrase = _ask_passphrase("New E2EE passphrase: ", args.passphrase_stdin, args.weak)
+
+    def confirm(plan: dict) -> bool:
+        lost = len(plan["unreadable"])
+        say = (f"A lost passphrase cannot be recovered, and neither can what it encrypted: the server holds "
+               f"{lost} memor{'y' if lost == 1 else 'ies'} this device does not have, which nobody can read any "
+               f"more; {'they stay there, unreadable' if plan['keep_unreadable'] else 'they will be deleted from the server (--keep-unreadable leaves them)'}. "
+               f"This device's {plan['reupload']} memories will be uploaded again under the new passphrase, and every "
+               f"other device must then enter it (contextfs cloud configure --e2ee).")
+        if args.yes:
+            print(say, file=sys.stderr)
+            return True
+        if not sys.stdin.isatty() or args.passphrase_stdin:
+            raise UsageError(say + " To go ahead, run again with --yes; nothing was changed")
+        print(say, file=sys.stderr)
+        return input("Start this account's end-to-end encryption over? [y/N] ").strip().lower() in ("y", "yes")
+
+    result = cloud_reset_e2ee(None, passphrase, args.keep_unreadable, confirm, None if args.json else _progress_printer())
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    sys.stderr.write("\r")
+    print(f"End-to-end encryption started over: {result['reuploaded']} memories uploaded again under the new "
+          f"passphrase, {result['deleted_on_server']} unreadable deleted from the server"
+          + (f", {result['kept_unreadable']} unreadable kept" if result["kept_unreadable"] else "") + ".")
+    print("On each other device run: contextfs cloud configure --e2ee (with the new passphrase).")
+    return EXIT_OK
+
+
 def cmd_cloud_sync(args: argparse.Namespace) -> int:
     """contextfs cloud sync [--direction push|pull|both] [--all] [--force] [--dry-run]"""
     progress = None if args.json else _progress_printer()
@@ -4833,7 +5304,7 @@ def cmd_cloud_sync(args: argparse.Namespace) -> int:
                         dry_run=args.dry_run, progress=progress)
     if progress:
         sys.stderr.write("\r")
-    done = EXIT_PARTIAL if report.refused else EXIT_OK
+    done = EXIT_PARTIAL if report.refused or report.unreadable else EXIT_OK
     if args.json:
         _print_json(report.to_dict())
         return done
@@ -4862,6 +5333,10 @@ def cmd_cloud_status(args: argparse.Namespace) -> int:
     print(f"Server:       {status['server_url']}")
     print(f"API key:      {status['api_key']}")
     print(f"E2EE:         {'on' if status['e2ee'] else 'off'}")
+    if status["e2ee"] and status["local"]["synced_unencrypted"]:
+        print(f"Unencrypted:  {status['local']['synced_unencrypted']} memories are on the server in plain text "
+              f"(synced before E2EE, or written by a client without it); contextfs cloud sync --all "
+              f"uploads them encrypted")
     print(f"Device:       {status['device_id']}" + (
         f" (this home is a copy of device {status['previous_device_id']}'s)" if status["previous_device_id"] else ""))
     print(f"Last push:    {status['last_push_at'] or 'never'}")
@@ -4872,14 +5347,16 @@ def cmd_cloud_status(args: argparse.Namespace) -> int:
     print(f"Conflicts:    {status['conflicts']}" + (" (see: contextfs cloud conflicts)" if status['conflicts'] else ""))
     for row_id, why in status["refused"].items():
         print(f"Refused:      {row_id} (the server said: {why}); left pending")
+    for row_id, why in status["unreadable"].items():
+        print(f"Unreadable:   {row_id} ({why}); not stored here, tried again at the next sync")
     server = status["server"]
     if server and "error" in server:
         print(f"Server state: unavailable ({server['error']})")
     elif server and server.get("registered") is False:
         print("Server state: reachable; this device is not registered yet (the next sync registers it)")
     elif server:
-        counts = ", ".join(f"{server[k]} {k.split('_')[0]}s" for k in ("memory_count", "session_count", "edge_count")
-                           if k in server)
+        names = {"memory_count": "memories", "session_count": "sessions", "edge_count": "edges"}
+        counts = ", ".join(f"{server[k]} {name}" for k, name in names.items() if k in server)
         print(f"Server state: {counts or 'reachable'}"
               + (f"; {server['pending_pull_count']} to pull" if server.get("pending_pull_count") is not None else ""))
     if not status["enabled"]:
@@ -4967,9 +5444,23 @@ def _add_cloud_parsers(sub: Any, common: Any) -> None:
     group.add_argument("--e2ee", dest="e2ee", action="store_true", default=None,
                        help="end-to-end encrypt memory content (asks for a passphrase)")
     group.add_argument("--no-e2ee", dest="e2ee", action="store_false")
+    sp.add_argument("--yes", action="store_true", help="with --no-e2ee: do not ask for confirmation")
     sp.add_argument("--passphrase-stdin", action="store_true", help="read the E2EE passphrase from stdin")
+    sp.add_argument("--weak", action="store_true", help=f"accept a passphrase shorter than {E2EE_MIN_PASSPHRASE} characters")
     sp.add_argument("--insecure", action="store_true", help="allow plain http:// to a non-loopback host")
     sp.set_defaults(func=cmd_cloud_configure)
+    sp = csub.add_parser("rekey", parents=[common], help="re-encrypt everything under a new E2EE passphrase")
+    sp.add_argument("--passphrase-stdin", action="store_true", help="read the new passphrase from stdin")
+    sp.add_argument("--weak", action="store_true", help=f"accept a passphrase shorter than {E2EE_MIN_PASSPHRASE} characters")
+    sp.set_defaults(func=cmd_cloud_rekey)
+    sp = csub.add_parser("reset-e2ee", parents=[common],
+                         help="lost the E2EE passphrase: start the account's encryption over")
+    sp.add_argument("--passphrase-stdin", action="store_true", help="read the new passphrase from stdin")
+    sp.add_argument("--weak", action="store_true", help=f"accept a passphrase shorter than {E2EE_MIN_PASSPHRASE} characters")
+    sp.add_argument("--keep-unreadable", action="store_true",
+                    help="leave the memories nobody can read on the server instead of deleting them")
+    sp.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    sp.set_defaults(func=cmd_cloud_reset_e2ee)
     sp = csub.add_parser("sync", parents=[common], help="push then pull (default)")
     sp.add_argument("--direction", choices=("push", "pull", "both"), default="both")
     sp.add_argument("--all", action="store_true", help="push every syncable memory, not just changes")

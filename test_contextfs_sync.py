@@ -1109,29 +1109,313 @@ def test_e2ee_round_trip_server_sees_only_ciphertext(tmp_path, two_devices):
     for home in (laptop, desktop):
         run_cli(home, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse\n", check=0)
     text = "the launch codes are 1234 — ünïcødé ✓\n"
-    m = cli_json(laptop, "save", text, "--tags", "secret")
+    m = cli_json(laptop, "save", text, "--tags", "secret,launch", "--summary", "launch codes",
+                 "--metadata", '{"project": "silo"}', "--source-repo", "/src/silo")
     sync(laptop)
     stored = server_memories(server, key)[m["id"]]
     # ContextFS Cloud never stores the flag (protocol.md gap 6): it serves ciphertext as plain.
     assert stored["encrypted"] is not isinstance(server, AnchorServer) and "launch" not in stored["content"]
     assert stored["content_hash"] == cfs.content_hash(text)
+    # Summary, tags and metadata travel inside the ciphertext (issue 27, item 7).
+    assert not stored["summary"] and not stored["tags"] and "silo" not in json.dumps(stored)
     sync(desktop), sync(laptop), sync(desktop)  # each device also pulls back its own rows
     for home in (laptop, desktop):  # byte-exact everywhere, the writer included
-        assert cli_json(home, "show", m["id"])["content"] == text
+        shown = cli_json(home, "show", m["id"])
+        assert shown["content"] == text and shown["summary"] == "launch codes"
+        assert shown["tags"] == ["secret", "launch"] and shown["metadata"] == {"project": "silo"}, shown
+        assert shown["source_repo"] == "/src/silo"
     cli_json(desktop, "edit", m["id"], text + "edited")
     sync(desktop), sync(laptop)
     assert cli_json(laptop, "show", m["id"])["content"] == text + "edited"
-    # A device with the wrong passphrase is told so, and stores nothing.
-    wrong = make_device(tmp_path, "wrong", server, key)
-    run_cli(wrong, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="wrong horse\n", check=0)
-    proc = run_cli(wrong, "cloud", "sync")
-    assert proc.returncode == 1 and "wrong E2EE passphrase" in proc.stderr
-    assert cli_json(wrong, "list") == []
     # A device without E2EE configured gets a clear error, not ciphertext.
     plain = make_device(tmp_path, "plain", server, key)
     proc = run_cli(plain, "cloud", "sync")
     assert proc.returncode == 3 and "configure --e2ee" in proc.stderr
     assert cli_json(plain, "list") == []
+
+
+def _force_e2ee_key(home, key_bytes):
+    """A device whose config holds an E2EE key no passphrase check ever saw (an older version
+    configured it, or the file was edited by hand)."""
+    cfg = cfs.load_config(home)
+    cfg.set("cloud", "e2ee", True)
+    cfg.set("cloud", "e2ee_key", cfs.b64url_encode(key_bytes))
+    cfs.save_config(cfg)
+
+
+def test_a_wrong_passphrase_is_refused_before_anything_is_written(tmp_path, two_devices):
+    """Issue 27, item 1: the account's key check. A wrong passphrase is refused by configure;
+    a device that holds a wrong key anyway pushes nothing, even with --all, and stores nothing;
+    the devices with the right passphrase go on syncing."""
+    pytest.importorskip("cryptography")
+    server, key, laptop, desktop = two_devices
+    run_cli(laptop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    secret = cli_json(laptop, "save", "encrypted before the others came")["id"]
+    sync(laptop)
+    before = server_memories(server, key)
+    check_ids = [i for i in before if i.startswith(cfs.E2EE_CHECK_PREFIX)]
+    assert len(check_ids) == 1 and "key check" not in before[check_ids[0]]["content"]
+    proc = run_cli(desktop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="wrong horse battery\n")
+    assert proc.returncode == 1 and "does not open this account" in proc.stderr, proc
+    assert "Traceback" not in proc.stderr and cli_json(desktop, "cloud", "status")["e2ee"] is False
+    # An older install's key, never checked: refused before its first push, and with --all.
+    _force_e2ee_key(desktop, bytes(range(32)))
+    mine = cli_json(desktop, "save", "written under the wrong key")["id"]
+    for extra in ((), ("--all",)):
+        proc = run_cli(desktop, "cloud", "sync", *extra)
+        assert proc.returncode == 1 and "key check failed" in proc.stderr and "nothing was pushed" in proc.stderr, proc
+    assert server_memories(server, key) == before and cli_json(desktop, "show", mine)["content"]
+    assert secret not in {m["id"] for m in cli_json(desktop, "list")}
+    # The right passphrase: accepted, and everything flows.
+    run_cli(desktop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    sync(desktop), sync(laptop)
+    for home in (laptop, desktop):
+        assert {m["id"] for m in cli_json(home, "list")} == {secret, mine}
+        assert cli_json(home, "show", mine)["content"] == "written under the wrong key"
+    assert "written under" not in json.dumps(server_memories(server, key))
+    assert not any(i.startswith(cfs.E2EE_CHECK_PREFIX) for i in cli_json(laptop, "cloud", "check")["only_server"])
+
+
+def test_one_damaged_encrypted_row_is_named_and_never_blocks_the_rest(tmp_path, two_devices):
+    """Issue 27, item 4: with the right passphrase (it opens the key check), a row that does not
+    decrypt was damaged or tampered with. It is named ("failed its integrity check", not "wrong
+    passphrase"), kept out of the store, listed by status, tried again next sync (exit 4, partial);
+    every other row comes through, on every later sync too."""
+    pytest.importorskip("cryptography")
+    server, key, laptop, desktop = two_devices
+    for home in (laptop, desktop):
+        run_cli(home, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    kept = cli_json(laptop, "save", "an edit of this will be damaged")["id"]
+    sync(laptop), sync(desktop)
+    clock = server_memories(server, key)[kept]["vector_clock"]
+    forger, new_id = "forger-" + uuid.uuid4().hex[:8], uuid.uuid4().hex
+    garbage = cfs.b64url_encode(os.urandom(60))  # the wire form of sealed content, under no key
+    http_client().post(server.url + "/api/sync/push", headers={"X-API-Key": key}, json={
+        "device_id": forger, "memories": [
+            {"id": kept, "content": garbage, "encrypted": True, "content_hash": cfs.content_hash("x"),
+             "vector_clock": dict(clock, **{forger: 2_000_000_000})},
+            {"id": new_id, "content": garbage, "encrypted": True, "content_hash": cfs.content_hash("y"),
+             "vector_clock": {forger: 2_000_000_000}}]}).raise_for_status()
+    later = cli_json(laptop, "save", "written after the damage")["id"]
+    sync(laptop, check=4)
+    proc = run_cli(desktop, "cloud", "sync", "--json")
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 4 and set(report["unreadable"]) == {kept, new_id}, proc
+    assert set(report["unreadable"].values()) == {"failed its integrity check"}
+    assert "wrong" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert cli_json(desktop, "show", later)["content"] == "written after the damage"
+    assert cli_json(desktop, "show", kept)["content"] == "an edit of this will be damaged"
+    assert new_id not in {m["id"] for m in cli_json(desktop, "list")}
+    human = run_cli(desktop, "cloud", "status", check=0).stdout
+    assert f"Unreadable:   {new_id} (failed its integrity check)" in human
+    assert sync(desktop, check=4)["unreadable"].keys() == {kept, new_id}  # tried again, still bad
+    cli_json(laptop, "edit", later, "and one more edit")             # the rest keeps flowing
+    sync(laptop, check=4), sync(desktop, check=4)
+    assert cli_json(desktop, "show", later)["content"] == "and one more edit"
+
+
+def test_a_ciphertext_moved_to_another_memory_or_replaced_by_plain_text_is_refused(tmp_path, two_devices):
+    """Issue 27, item 3: our ciphertext is bound to its memory id (AES-GCM associated data,
+    marked "cfs2."), so one moved onto another row does not open; a memory the server held
+    encrypted that comes back as plain text is refused and named. A new plain row another
+    client wrote (a mixed fleet) is accepted, and status counts it as stored unencrypted."""
+    pytest.importorskip("cryptography")
+    server, key, laptop, desktop = two_devices
+    for home in (laptop, desktop):
+        run_cli(home, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    alpha = cli_json(laptop, "save", "alpha secret")["id"]
+    beta = cli_json(laptop, "save", "beta secret")["id"]
+    sync(laptop), sync(desktop)
+    held = server_memories(server, key)
+    assert held[alpha]["content"].startswith("cfs2.") and "secret" not in held[alpha]["content"]
+    forger, plain_id = "forger-" + uuid.uuid4().hex[:8], uuid.uuid4().hex
+    later = {forger: 2_000_000_000}
+    http_client().post(server.url + "/api/sync/push", headers={"X-API-Key": key}, json={
+        "device_id": forger, "memories": [
+            {"id": alpha, "content": held[beta]["content"], "encrypted": True,   # beta's, moved
+             "content_hash": held[beta]["content_hash"], "vector_clock": dict(held[alpha]["vector_clock"], **later)},
+            {"id": beta, "content": "forged in plain text", "content_hash": cfs.content_hash("forged in plain text"),
+             "vector_clock": dict(held[beta]["vector_clock"], **later)},
+            {"id": plain_id, "content": "from a client without E2EE",
+             "content_hash": cfs.content_hash("from a client without E2EE"), "vector_clock": later}]}).raise_for_status()
+    report = sync(desktop, check=4)
+    assert report["unreadable"] == {
+        alpha: "failed its integrity check",
+        beta: "came back unencrypted though the server held it end-to-end encrypted"}, report
+    assert cli_json(desktop, "show", alpha)["content"] == "alpha secret"
+    assert cli_json(desktop, "show", beta)["content"] == "beta secret"
+    assert cli_json(desktop, "show", plain_id)["content"] == "from a client without E2EE"
+    status = run_cli(desktop, "cloud", "status", check=0).stdout
+    assert "Unencrypted:  1 memories are on the server in plain text" in status, status
+    assert f"Unreadable:   {beta} (came back unencrypted" in status
+
+
+def _account_key(server, api_key, passphrase):
+    """The passphrase key of the account behind api_key, derived as every device derives it."""
+    me = http_client().get(server.url + "/api/auth/me", headers={"X-API-Key": api_key}).json()
+    return cfs.derive_passphrase_key(passphrase, cfs.account_salt(me["id"]))
+
+
+def _server_opens_all_with(server, api_key, key, ids):
+    """Every live memory in ids is on the server in our format and opens with key (no other)."""
+    held = server_memories(server, api_key)
+    checks = [m for i, m in held.items() if i.startswith(cfs.E2EE_CHECK_PREFIX)]
+    assert len(checks) == 1 and cfs.key_opens_check(key, checks[0]["content"])
+    for memory_id in ids:
+        content = held[memory_id]["content"]
+        assert content.startswith(cfs.SEALED_MARK), memory_id
+        sealed = json.loads(cfs.decrypt_content(key, content, bind=memory_id))
+        assert cfs.content_hash(sealed["content"]) == held[memory_id]["content_hash"]
+        assert not held[memory_id]["summary"] and not held[memory_id]["tags"]  # inside the ciphertext
+
+
+def test_rekey_moves_every_memory_and_the_key_check_and_tells_the_other_devices(tmp_path, two_devices):
+    """Issue 27, item 5: `cloud rekey` re-encrypts every memory under the new passphrase and
+    moves the key check; another device is told (its passphrase no longer opens the check),
+    takes the new passphrase, and then reads and writes everything."""
+    pytest.importorskip("cryptography")
+    server, key, laptop, desktop = two_devices
+    for home in (laptop, desktop):
+        run_cli(home, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    ids = [cli_json(laptop, "save", f"note {n} — ✓")["id"] for n in range(12)]
+    sync(laptop), sync(desktop)
+    ids.append(cli_json(desktop, "save", "the desktop's, not pushed before the rekey")["id"])
+    proc = run_cli(laptop, "cloud", "rekey", "--passphrase-stdin", input="a brand new passphrase\n", check=0)
+    assert "Re-encrypted 12 memories under the new passphrase" in proc.stdout, proc.stdout
+    assert "contextfs cloud configure --e2ee" in proc.stdout
+    _server_opens_all_with(server, key, _account_key(server, key, "a brand new passphrase"), ids[:12])
+    # The desktop pushes its note under the old key (it does not know yet), then hears of it.
+    proc = run_cli(desktop, "cloud", "sync")
+    assert proc.returncode == 1 and "changed on another device" in proc.stderr, proc
+    run_cli(desktop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="a brand new passphrase\n", check=0)
+    sync(desktop)
+    sync(laptop)
+    _server_opens_all_with(server, key, _account_key(server, key, "a brand new passphrase"), ids)
+    for home in (laptop, desktop):
+        assert sorted(m["id"] for m in cli_json(home, "list", "--limit", "100")) == sorted(ids)
+        assert cli_json(home, "show", ids[3])["content"] == "note 3 — ✓"
+    proc = run_cli(laptop, "cloud", "rekey", "--passphrase-stdin", input="a brand new passphrase\n")
+    assert proc.returncode == 2 and "in use" in proc.stderr
+
+
+def test_a_rekey_killed_at_any_point_resumes_and_strands_nothing(tmp_path, live_server):
+    """Issue 27, item 5: kill -9 the rekey at a request early, in the middle and late (a
+    fault proxy holds the request and kills the client), run it again: every memory ends under
+    the new key, the interrupted device says what to do meanwhile, and another device with the
+    new passphrase reads all of it."""
+    pytest.importorskip("cryptography")
+    key = live_server.add_user(f"rekey-{uuid.uuid4().hex[:8]}@example.com")
+    state = {"proc": None, "kill_at": None}
+
+    def hook(n, path, phase):
+        if phase == "received" and state["kill_at"] == n:
+            state["proc"].send_signal(signal.SIGKILL)
+            time.sleep(0.3)  # the client is gone before the server answers
+
+    proxy = FaultProxy(live_server.url, hook=hook)
+    try:
+        laptop = make_device(tmp_path, "laptop", live_server, key)
+        cfg = cfs.load_config(laptop)
+        cfg.set("cloud", "server_url", proxy.url)
+        cfs.save_config(cfg)
+        run_cli(laptop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="passphrase number 0\n", check=0)
+        with cfs.open_store(laptop) as store:
+            ids = [store.save(f"memory {n} " + "x" * 2000).id for n in range(1200)]
+        sync(laptop)
+        counts = []
+        for trial, share in enumerate((None, 0.2, 0.5, 0.85), start=1):
+            passphrase = f"passphrase number {trial}"
+            first = proxy.count
+            if share is not None:
+                state["kill_at"] = first + max(1, int(counts[0] * share))
+            state["proc"] = subprocess.Popen([CONTEXTFS, "cloud", "rekey", "--passphrase-stdin"], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(laptop))
+            out, err = state["proc"].communicate(passphrase + "\n", timeout=120)
+            if share is None:
+                assert state["proc"].returncode == 0, err
+                counts.append(proxy.count - first)   # requests in one whole rekey
+                continue
+            assert state["proc"].returncode == -signal.SIGKILL, (trial, out, err)
+            state["kill_at"] = None
+            if cfs.load_config(laptop).get("cloud", "e2ee_old_key"):
+                proc = run_cli(laptop, "cloud", "sync")
+                assert proc.returncode == 3 and "contextfs cloud rekey" in proc.stderr, proc
+            run_cli(laptop, "cloud", "rekey", "--passphrase-stdin", input=passphrase + "\n", check=0)
+            _server_opens_all_with(live_server, key, _account_key(live_server, key, passphrase), ids)
+        desktop = make_device(tmp_path, "desktop", live_server, key)
+        run_cli(desktop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input=passphrase + "\n", check=0)
+        sync(desktop)
+        with cfs.open_store(desktop) as store:
+            held = {m.id: m.content for m in store.list(limit=10_000)}
+        assert held == {i: f"memory {n} " + "x" * 2000 for n, i in enumerate(ids)}
+        assert counts[0] >= 6, counts
+    finally:
+        proxy.stop()
+
+
+def test_a_lost_passphrase_is_started_over_and_nothing_this_device_holds_is_lost(tmp_path, two_devices):
+    """Issue 27, item 6: `cloud reset-e2ee` says what cannot be recovered and asks; then what
+    this device holds goes up under the new passphrase, what nobody can read is deleted from the
+    server, and a device that held such a memory keeps its text (as a conflict copy)."""
+    pytest.importorskip("cryptography")
+    server, key, laptop, desktop = two_devices
+    for home in (laptop, desktop):
+        run_cli(home, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    kept = [cli_json(laptop, "save", f"kept {n}")["id"] for n in range(3)]
+    sync(laptop), sync(desktop)
+    only_desktop = cli_json(desktop, "save", "only the desktop has this")["id"]
+    sync(desktop)
+    run_cli(laptop, "cloud", "configure", "--no-e2ee", "--yes", check=0)   # the passphrase is gone
+    proc = run_cli(laptop, "cloud", "reset-e2ee", "--passphrase-stdin", input="a fresh start passphrase\n")
+    assert proc.returncode == 2 and "cannot be recovered" in proc.stderr and "1 memory this device does not have" \
+        in proc.stderr and "--yes" in proc.stderr, proc
+    sync(desktop)                                                          # nothing changed yet
+    proc = run_cli(laptop, "cloud", "reset-e2ee", "--passphrase-stdin", "--yes", input="a fresh start passphrase\n",
+                   check=0)
+    assert "3 memories uploaded again under the new passphrase, 1 unreadable deleted from the server" in proc.stdout
+    new_key = _account_key(server, key, "a fresh start passphrase")
+    _server_opens_all_with(server, key, new_key, kept)
+    assert server_memories(server, key)[only_desktop]["deleted_at"]
+    proc = run_cli(desktop, "cloud", "sync")
+    assert proc.returncode == 1 and "changed on another device" in proc.stderr
+    run_cli(desktop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="a fresh start passphrase\n", check=0)
+    sync(desktop), sync(laptop), sync(desktop)
+    texts = {m["content"] for m in cli_json(desktop, "list", "--limit", "100")}
+    assert texts == {"kept 0", "kept 1", "kept 2", "only the desktop has this"}, texts
+    assert {m["content"] for m in cli_json(laptop, "list", "--limit", "100")} == texts
+    assert cli_json(laptop, "cloud", "status")["e2ee"] is True
+
+
+def test_a_short_passphrase_is_refused_unless_weak_is_asked_for(two_devices_ref):
+    """Issue 27, item 7: fewer than 12 characters is refused (usage, nothing written); --weak takes it."""
+    pytest.importorskip("cryptography")
+    server, key, laptop, desktop = two_devices_ref
+    proc = run_cli(laptop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="hunter2\n")
+    assert proc.returncode == 2 and "shorter than 12 characters" in proc.stderr and "--weak" in proc.stderr
+    assert cli_json(laptop, "cloud", "status")["e2ee"] is False and not server_memories(server, key)
+    run_cli(laptop, "cloud", "configure", "--e2ee", "--weak", "--passphrase-stdin", input="hunter2\n", check=0)
+    assert cli_json(laptop, "cloud", "status")["e2ee"] is True
+
+
+def test_a_device_without_the_passphrase_never_pushes_plaintext_into_an_encrypted_account(tmp_path, two_devices):
+    """Issue 27, item 2: no silent downgrade. A device that never enabled E2EE, and one that
+    turned it off, stop before pushing (exit 3); turning it off asks first (--yes for scripts)."""
+    pytest.importorskip("cryptography")
+    server, key, laptop, desktop = two_devices
+    run_cli(laptop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    sync(laptop)
+    plain = cli_json(desktop, "save", "a plaintext note from a device without E2EE")["id"]
+    proc = run_cli(desktop, "cloud", "sync")
+    assert proc.returncode == 3 and proc.stderr.strip() == cfs.MSG_E2EE_NO_KEY, proc
+    assert plain not in server_memories(server, key)
+    # Turning it off on a device of the encrypted account: asked first, refused without --yes.
+    proc = run_cli(laptop, "cloud", "configure", "--no-e2ee")
+    assert proc.returncode == 2 and "--yes" in proc.stderr and cli_json(laptop, "cloud", "status")["e2ee"] is True
+    run_cli(laptop, "cloud", "configure", "--no-e2ee", "--yes", check=0)
+    cli_json(laptop, "save", "written after E2EE was turned off")
+    proc = run_cli(laptop, "cloud", "sync", "--all")
+    assert proc.returncode == 3 and "nothing was pushed" in proc.stderr
+    assert "turned off" not in json.dumps(server_memories(server, key))
 
 
 def test_anchor_e2ee_test_vector_decrypts():
