@@ -2799,11 +2799,37 @@ def seal_memory(key: bytes, wire: dict) -> dict:
     """A wire memory sealed in our format: content, summary, tags, metadata and source repo and
     file travel inside one ciphertext bound to the id; outside it they are empty (the id, type,
     namespace, session id, timestamps, clock and content_hash stay visible)."""
-    payload = json.dumps({"content": wire["content"], "summary": wire.get("summary"), "tags": wire.get("tags") or [],
-                          "metadata": wire.get("metadata") or {}, "source_repo": wire.get("source_repo"),
-                          "source_file": wire.get("source_file")}, ensure_ascii=False, separators=(",", ":"))
+    fields = {"content": wire["content"], "summary": wire.get("summary"), "tags": wire.get("tags") or [],
+              "metadata": wire.get("metadata") or {}, "source_repo": wire.get("source_repo"),
+              "source_file": wire.get("source_file"), "pad": ""}
+    size = len(json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    fields["pad"] = " " * (padded_size(size) - size)  # the server sees a size bucket, not the length
+    payload = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
     return dict(wire, content=encrypt_content(key, payload, bind=wire["id"]), summary=None, tags=[], metadata={},
                 source_repo=None, source_file=None, encrypted=True)
+
+
+def seal_field(key: bytes, text: Optional[str], bind: str) -> Optional[str]:
+    """One text field sealed in our format, bound to ``bind`` (a session's label or summary).
+    The nonce is derived from the key, binding and text (synthetic, as in SIV): the same field
+    sealed twice is the same ciphertext, so a version sent again is the same version to any
+    server that compares fields; only equal texts look equal."""
+    import hashlib
+    import hmac
+
+    if text is None:
+        return None
+    nonce = hmac.new(key, _bound_to(bind) + b"\0" + text.encode("utf-8"), hashlib.sha256).digest()[:12]
+    return encrypt_content(key, text, nonce=nonce, bind=bind)
+
+
+def padded_size(size: int) -> int:
+    """The bucket a sealed payload of ``size`` bytes is padded to: 256 B, doubling to 64 KiB,
+    then whole 64 KiB steps."""
+    bucket = 256
+    while bucket < size and bucket < 64 * 1024:
+        bucket *= 2
+    return bucket if size <= bucket else -(-size // (64 * 1024)) * 64 * 1024
 
 
 def open_memory(key: bytes, memory: Any) -> bool:
@@ -3355,6 +3381,9 @@ class SyncEngine:
         wire = obj.to_wire()
         if kind == "memory" and self.key is not None and wire["deleted_at"] is None:
             wire = seal_memory(self.key, wire)  # content_hash stays the plaintext's (protocol.md §9)
+        elif kind == "session" and self.key is not None and wire["deleted_at"] is None:
+            for name in ("label", "summary"):
+                wire[name] = seal_field(self.key, wire[name], f"session/{obj.id}/{name}")
         return wire
 
     def push(self, report: SyncReport, push_all: bool = False, force: bool = False,
@@ -3452,7 +3481,8 @@ class SyncEngine:
         sealed = memory.content if memory.deleted_at is None and memory.content else "-"
         self.store.set_state(f"e2ee_check|{self.scope}", sealed)
         if self.key is not None and sealed != "-" and not key_opens_check(self.key, sealed):
-            raise CryptoError(MSG_E2EE_WRONG_KEY.format(" (was it changed on another device?); nothing was stored"))
+            raise CryptoError(MSG_E2EE_WRONG_KEY.format(": it was probably changed on another device (cloud rekey); "
+                                                        "nothing was stored"))
 
     def _push_batches_of(self, push_all: bool) -> Iterator[Tuple[str, List[Tuple[Tuple[str, int], bytes]]]]:
         """(kind, batch) to push, in order: sessions and memories before edges, so an edge never
@@ -3707,6 +3737,7 @@ class SyncEngine:
         store = self.store
         page = dict(page)
         page["memory"] = self._vet_memories(page.get("memory", []), page.pop("unverified", None))
+        page["session"] = [session for session in page.get("session", []) if self._open_session(session)]
         local_rows = {kind: store.local_versions(kind, [obj.id for obj in objs]) if objs else {}
                       for kind, objs in page.items()}
         taken = _TakenIds(store)
@@ -3885,6 +3916,29 @@ class SyncEngine:
             self._damaged += 1
             return False
         memory.content_hash = content_hash(memory.content)
+        return True
+
+    def _open_session(self, session: Session) -> bool:
+        """Decrypt a pulled session's sealed label and summary in place; False if it must not be stored."""
+        for name in ("label", "summary"):
+            value = getattr(session, name)
+            if not (isinstance(value, str) and value.startswith(SEALED_MARK)):
+                continue
+            for key in (self.key, self.old_key):
+                if key is None:
+                    continue
+                try:
+                    setattr(session, name, decrypt_content(key, value, bind=f"session/{session.id}/{name}"))
+                    break
+                except CryptoError:
+                    continue
+            else:
+                if self.key is None:
+                    _aesgcm()
+                    raise CryptoError(f"Session {session.id} is end-to-end encrypted and this device has no passphrase. "
+                                      f"Run: contextfs cloud configure --e2ee (nothing was stored)", EXIT_NOT_CONFIGURED)
+                self._unreadable[session.id] = "failed its integrity check"
+                return False
         return True
 
     def _public_client_keys(self) -> List[bytes]:
@@ -5272,11 +5326,16 @@ def cmd_cloud_reset_e2ee(args: argparse.Namespace) -> int:
 
     def confirm(plan: dict) -> bool:
         lost = len(plan["unreadable"])
-        say = (f"A lost passphrase cannot be recovered, and neither can what it encrypted: the server holds "
-               f"{lost} memor{'y' if lost == 1 else 'ies'} this device does not have, which nobody can read any "
-               f"more; {'they stay there, unreadable' if plan['keep_unreadable'] else 'they will be deleted from the server (--keep-unreadable leaves them)'}. "
-               f"This device's {plan['reupload']} memories will be uploaded again under the new passphrase, and every "
-               f"other device must then enter it (contextfs cloud configure --e2ee).")
+        if not lost:
+            say = "A lost passphrase cannot be recovered; every memory on the server is also on this device, so none is lost. "
+        else:
+            fate = ("they stay there, unreadable" if plan["keep_unreadable"]
+                    else "they will be deleted from the server (--keep-unreadable leaves them)")
+            say = (f"A lost passphrase cannot be recovered, and neither can what it encrypted: the server holds "
+                   f"{lost} memor{'y' if lost == 1 else 'ies'} this device does not have, which nobody can read any "
+                   f"more; {fate}. ")
+        say += (f"This device's {plan['reupload']} memories will be uploaded again under the new passphrase, and "
+                f"every other device must then enter it (contextfs cloud configure --e2ee).")
         if args.yes:
             print(say, file=sys.stderr)
             return True

@@ -1106,9 +1106,10 @@ def test_status_and_check_report_local_and_server_state(two_devices):
 def test_e2ee_round_trip_server_sees_only_ciphertext(tmp_path, two_devices):
     pytest.importorskip("cryptography")
     server, key, laptop, desktop = two_devices
-    for home in (laptop, desktop):
-        run_cli(home, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse\n", check=0)
+    e2ee_on(laptop, desktop, passphrase="correct horse")
     text = "the launch codes are 1234 — ünïcødé ✓\n"
+    session = cli_json(laptop, "session", "start", "--label", "silo maintenance")
+    cli_json(laptop, "session", "end", "--summary", "rotated the silo codes")
     m = cli_json(laptop, "save", text, "--tags", "secret,launch", "--summary", "launch codes",
                  "--metadata", '{"project": "silo"}', "--source-repo", "/src/silo")
     sync(laptop)
@@ -1118,12 +1119,15 @@ def test_e2ee_round_trip_server_sees_only_ciphertext(tmp_path, two_devices):
     assert stored["content_hash"] == cfs.content_hash(text)
     # Summary, tags and metadata travel inside the ciphertext (issue 27, item 7).
     assert not stored["summary"] and not stored["tags"] and "silo" not in json.dumps(stored)
+    assert "silo" not in json.dumps(server_rows(server, key)[("sessions", session["id"])])  # label, summary
     sync(desktop), sync(laptop), sync(desktop)  # each device also pulls back its own rows
     for home in (laptop, desktop):  # byte-exact everywhere, the writer included
         shown = cli_json(home, "show", m["id"])
         assert shown["content"] == text and shown["summary"] == "launch codes"
         assert shown["tags"] == ["secret", "launch"] and shown["metadata"] == {"project": "silo"}, shown
         assert shown["source_repo"] == "/src/silo"
+        listed = {x["id"]: x for x in cli_json(home, "session", "list")}[session["id"]]
+        assert (listed["label"], listed["summary"]) == ("silo maintenance", "rotated the silo codes")
     cli_json(desktop, "edit", m["id"], text + "edited")
     sync(desktop), sync(laptop)
     assert cli_json(laptop, "show", m["id"])["content"] == text + "edited"
@@ -1132,6 +1136,12 @@ def test_e2ee_round_trip_server_sees_only_ciphertext(tmp_path, two_devices):
     proc = run_cli(plain, "cloud", "sync")
     assert proc.returncode == 3 and "configure --e2ee" in proc.stderr
     assert cli_json(plain, "list") == []
+
+
+def e2ee_on(*homes, passphrase="correct horse battery"):
+    """`contextfs cloud configure --e2ee` with this passphrase on each home."""
+    for home in homes:
+        run_cli(home, "cloud", "configure", "--e2ee", "--passphrase-stdin", input=passphrase + "\n", check=0)
 
 
 def _force_e2ee_key(home, key_bytes):
@@ -1149,7 +1159,7 @@ def test_a_wrong_passphrase_is_refused_before_anything_is_written(tmp_path, two_
     the devices with the right passphrase go on syncing."""
     pytest.importorskip("cryptography")
     server, key, laptop, desktop = two_devices
-    run_cli(laptop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    e2ee_on(laptop)
     secret = cli_json(laptop, "save", "encrypted before the others came")["id"]
     sync(laptop)
     before = server_memories(server, key)
@@ -1167,7 +1177,7 @@ def test_a_wrong_passphrase_is_refused_before_anything_is_written(tmp_path, two_
     assert server_memories(server, key) == before and cli_json(desktop, "show", mine)["content"]
     assert secret not in {m["id"] for m in cli_json(desktop, "list")}
     # The right passphrase: accepted, and everything flows.
-    run_cli(desktop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    e2ee_on(desktop)
     sync(desktop), sync(laptop)
     for home in (laptop, desktop):
         assert {m["id"] for m in cli_json(home, "list")} == {secret, mine}
@@ -1183,8 +1193,7 @@ def test_one_damaged_encrypted_row_is_named_and_never_blocks_the_rest(tmp_path, 
     every other row comes through, on every later sync too."""
     pytest.importorskip("cryptography")
     server, key, laptop, desktop = two_devices
-    for home in (laptop, desktop):
-        run_cli(home, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    e2ee_on(laptop, desktop)
     kept = cli_json(laptop, "save", "an edit of this will be damaged")["id"]
     sync(laptop), sync(desktop)
     clock = server_memories(server, key)[kept]["vector_clock"]
@@ -1221,8 +1230,7 @@ def test_a_ciphertext_moved_to_another_memory_or_replaced_by_plain_text_is_refus
     client wrote (a mixed fleet) is accepted, and status counts it as stored unencrypted."""
     pytest.importorskip("cryptography")
     server, key, laptop, desktop = two_devices
-    for home in (laptop, desktop):
-        run_cli(home, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    e2ee_on(laptop, desktop)
     alpha = cli_json(laptop, "save", "alpha secret")["id"]
     beta = cli_json(laptop, "save", "beta secret")["id"]
     sync(laptop), sync(desktop)
@@ -1275,8 +1283,7 @@ def test_rekey_moves_every_memory_and_the_key_check_and_tells_the_other_devices(
     takes the new passphrase, and then reads and writes everything."""
     pytest.importorskip("cryptography")
     server, key, laptop, desktop = two_devices
-    for home in (laptop, desktop):
-        run_cli(home, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    e2ee_on(laptop, desktop)
     ids = [cli_json(laptop, "save", f"note {n} — ✓")["id"] for n in range(12)]
     sync(laptop), sync(desktop)
     ids.append(cli_json(desktop, "save", "the desktop's, not pushed before the rekey")["id"])
@@ -1287,7 +1294,7 @@ def test_rekey_moves_every_memory_and_the_key_check_and_tells_the_other_devices(
     # The desktop pushes its note under the old key (it does not know yet), then hears of it.
     proc = run_cli(desktop, "cloud", "sync")
     assert proc.returncode == 1 and "changed on another device" in proc.stderr, proc
-    run_cli(desktop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="a brand new passphrase\n", check=0)
+    e2ee_on(desktop, passphrase="a brand new passphrase")
     sync(desktop)
     sync(laptop)
     _server_opens_all_with(server, key, _account_key(server, key, "a brand new passphrase"), ids)
@@ -1318,7 +1325,7 @@ def test_a_rekey_killed_at_any_point_resumes_and_strands_nothing(tmp_path, live_
         cfg = cfs.load_config(laptop)
         cfg.set("cloud", "server_url", proxy.url)
         cfs.save_config(cfg)
-        run_cli(laptop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="passphrase number 0\n", check=0)
+        e2ee_on(laptop, passphrase="passphrase number 0")
         with cfs.open_store(laptop) as store:
             ids = [store.save(f"memory {n} " + "x" * 2000).id for n in range(1200)]
         sync(laptop)
@@ -1343,7 +1350,7 @@ def test_a_rekey_killed_at_any_point_resumes_and_strands_nothing(tmp_path, live_
             run_cli(laptop, "cloud", "rekey", "--passphrase-stdin", input=passphrase + "\n", check=0)
             _server_opens_all_with(live_server, key, _account_key(live_server, key, passphrase), ids)
         desktop = make_device(tmp_path, "desktop", live_server, key)
-        run_cli(desktop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input=passphrase + "\n", check=0)
+        e2ee_on(desktop, passphrase=passphrase)
         sync(desktop)
         with cfs.open_store(desktop) as store:
             held = {m.id: m.content for m in store.list(limit=10_000)}
@@ -1359,8 +1366,7 @@ def test_a_lost_passphrase_is_started_over_and_nothing_this_device_holds_is_lost
     server, and a device that held such a memory keeps its text (as a conflict copy)."""
     pytest.importorskip("cryptography")
     server, key, laptop, desktop = two_devices
-    for home in (laptop, desktop):
-        run_cli(home, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    e2ee_on(laptop, desktop)
     kept = [cli_json(laptop, "save", f"kept {n}")["id"] for n in range(3)]
     sync(laptop), sync(desktop)
     only_desktop = cli_json(desktop, "save", "only the desktop has this")["id"]
@@ -1378,7 +1384,7 @@ def test_a_lost_passphrase_is_started_over_and_nothing_this_device_holds_is_lost
     assert server_memories(server, key)[only_desktop]["deleted_at"]
     proc = run_cli(desktop, "cloud", "sync")
     assert proc.returncode == 1 and "changed on another device" in proc.stderr
-    run_cli(desktop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="a fresh start passphrase\n", check=0)
+    e2ee_on(desktop, passphrase="a fresh start passphrase")
     sync(desktop), sync(laptop), sync(desktop)
     texts = {m["content"] for m in cli_json(desktop, "list", "--limit", "100")}
     assert texts == {"kept 0", "kept 1", "kept 2", "only the desktop has this"}, texts
@@ -1402,7 +1408,7 @@ def test_a_device_without_the_passphrase_never_pushes_plaintext_into_an_encrypte
     turned it off, stop before pushing (exit 3); turning it off asks first (--yes for scripts)."""
     pytest.importorskip("cryptography")
     server, key, laptop, desktop = two_devices
-    run_cli(laptop, "cloud", "configure", "--e2ee", "--passphrase-stdin", input="correct horse battery\n", check=0)
+    e2ee_on(laptop)
     sync(laptop)
     plain = cli_json(desktop, "save", "a plaintext note from a device without E2EE")["id"]
     proc = run_cli(desktop, "cloud", "sync")
@@ -1429,6 +1435,25 @@ def test_anchor_e2ee_test_vector_decrypts():
     assert cfs.encrypt_content(key, "hello world!", nonce=bytes(12)) == token
     with pytest.raises(cfs.CryptoError):
         cfs.decrypt_content(bytes(32), token)
+
+
+def test_our_sealed_format_binds_the_id_hides_every_text_field_and_pads_to_buckets():
+    pytest.importorskip("cryptography")
+    key = bytes(range(32))
+    wire = {"id": "m1", "content": "short", "summary": "s", "tags": ["t"], "metadata": {"k": "v"},
+            "source_repo": "/src/x", "source_file": "a.py", "content_hash": cfs.content_hash("short")}
+    sealed = cfs.seal_memory(key, wire)
+    assert sealed["content"].startswith(cfs.SEALED_MARK) and sealed["encrypted"] is True
+    assert (sealed["summary"], sealed["tags"], sealed["metadata"], sealed["source_repo"]) == (None, [], {}, None)
+    longer = cfs.seal_memory(key, dict(wire, content="x" * 100))
+    assert len(longer["content"]) == len(sealed["content"])          # one 256-byte bucket
+    assert len(cfs.seal_memory(key, dict(wire, content="x" * 300))["content"]) > len(sealed["content"])
+    memory = cfs.Memory.from_wire(sealed)
+    assert cfs.open_memory(key, memory) and (memory.content, memory.summary, memory.tags, memory.metadata,
+                                             memory.source_file) == ("short", "s", ["t"], {"k": "v"}, "a.py")
+    moved = cfs.Memory.from_wire(dict(sealed, id="m2"))
+    assert not cfs.open_memory(key, moved) and moved.content == sealed["content"]   # bound to m1
+    assert not cfs.open_memory(bytes(32), cfs.Memory.from_wire(sealed))             # another key
 
 
 def test_missing_e2ee_extra_names_the_pip_command(home):
