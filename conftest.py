@@ -22,6 +22,9 @@ import pytest
 
 BIN = Path(sys.executable).parent
 CONTEXTFS = str(BIN / "contextfs")
+# No OS keyring in tests unless a test asks for one (keyrings.alt, installed for that test,
+# would otherwise keep every test's E2EE key in this user's own data directory).
+os.environ.setdefault("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
 
 
 def cli_env(home, **extra):

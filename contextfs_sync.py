@@ -3244,11 +3244,60 @@ def _mass_delete_message(where: str, deletions: int, total: int) -> str:
 _WIRE_LISTS = {"memory": "memories", "session": "sessions", "edge": "edges"}
 
 
+KEYRING_SERVICE = "contextfs-sync"
+_IN_KEYRING = "keyring"  # cloud.e2ee_key when the key itself is in the OS keyring
+
+
+def _keyring() -> Any:
+    """The ``keyring`` module when it is installed (optional: pip install keyring), else None."""
+    try:
+        import keyring
+    except ImportError:
+        return None
+    return keyring
+
+
+def _keyring_user(cfg: Config) -> str:
+    return f"e2ee-key:{Path(cfg.home).resolve()}"
+
+
+def set_e2ee_key(cfg: Config, key: Optional[bytes]) -> Optional[str]:
+    """Keep this device's E2EE key (None forgets it): in the OS keyring when ``keyring`` is
+    installed and has a working backend, else in config.toml (written 0600). Returns where."""
+    kr = _keyring() if key is not None or cfg.get("cloud", "e2ee_key") == _IN_KEYRING else None
+    if key is None:
+        if kr is not None:
+            with _suppress(Exception):
+                kr.delete_password(KEYRING_SERVICE, _keyring_user(cfg))
+        cfg.set("cloud", "e2ee_key", None)
+        return None
+    text = b64url_encode(key)
+    if kr is not None:
+        try:
+            kr.set_password(KEYRING_SERVICE, _keyring_user(cfg), text)
+            if kr.get_password(KEYRING_SERVICE, _keyring_user(cfg)) == text:
+                cfg.set("cloud", "e2ee_key", _IN_KEYRING)
+                return "keyring"
+        except Exception:  # no usable backend (a server, a container, a locked keyring)
+            pass
+    cfg.set("cloud", "e2ee_key", text)
+    return "config"
+
+
 def e2ee_key(cfg: Config) -> Optional[bytes]:
     """The E2EE key for this device, or None when E2EE is off."""
     if not cfg.e2ee:
         return None
     stored = cfg.get("cloud", "e2ee_key")
+    if stored == _IN_KEYRING:
+        kr = _keyring()
+        try:
+            stored = kr.get_password(KEYRING_SERVICE, _keyring_user(cfg)) if kr is not None else None
+        except Exception:
+            stored = None
+        if not stored:
+            raise NotConfigured("This device's E2EE key is kept in the OS keyring, which cannot give it now (not "
+                                "installed, locked, or another user). Run: contextfs cloud configure --e2ee")
     if not stored:
         raise NotConfigured("E2EE is on but no passphrase was entered on this device. "
                             "Run: contextfs cloud configure --e2ee")
@@ -3428,8 +3477,9 @@ class SyncEngine:
         return e2ee_check_id(user_id)
 
     def _lookup_key_check(self) -> Optional[Memory]:
-        """Ask the server for the key check (our rows listed, so only what we lack comes back)."""
-        manifest = [{"id": i, "content_hash": h} for i, h, _deleted, _dirty in self.store.manifest("memory")]
+        """Ask the server for the key check. Our synced rows are listed, so only what we lack
+        comes back (rows not pushed yet are left out: listing them only costs bytes)."""
+        manifest = [{"id": i, "content_hash": h} for i, h, _deleted, dirty in self.store.manifest("memory") if not dirty]
         check, _others = lookup_key_check(self.client, self.store.device_id, self._check_id(), manifest)
         self.store.set_state(f"e2ee_check|{self.scope}", check.content if check is not None else "-")
         return check
@@ -4066,7 +4116,7 @@ def cloud_rekey(home: Optional[Path], passphrase: str,
             SyncEngine(store, client, cfg, current, progress).run("both")
             old = current
             cfg.set("cloud", "e2ee_old_key", b64url_encode(old))
-            cfg.set("cloud", "e2ee_key", b64url_encode(new))
+            set_e2ee_key(cfg, new)
             save_config(cfg)
         engine = SyncEngine(store, client, cfg, new, progress, old_key=old)
         check = engine._lookup_key_check()
@@ -4122,7 +4172,7 @@ def cloud_reset_e2ee(home: Optional[Path], passphrase: str, keep_unreadable: boo
             memory.deleted_at = utc_now()   # a tombstone newer than what nobody can read
         store.republish(mine + ([] if keep_unreadable else lost))
         cfg.set("cloud", "e2ee", True)
-        cfg.set("cloud", "e2ee_key", b64url_encode(new))
+        set_e2ee_key(cfg, new)
         for name in ("e2ee_old_key", "e2ee_previous_key"):
             cfg.set("cloud", name, None)
         save_config(cfg)
@@ -5197,7 +5247,7 @@ def cmd_cloud_logout(args: argparse.Namespace) -> int:
     cfg = load_config()
     had_key = bool(cfg.get("cloud", "api_key"))
     cfg.set("cloud", "api_key", None)
-    cfg.set("cloud", "e2ee_key", None)
+    set_e2ee_key(cfg, None)
     cfg.set("cloud", "e2ee_old_key", None)
     cfg.set("cloud", "e2ee_previous_key", None)
     save_config(cfg)
@@ -5228,26 +5278,33 @@ def cmd_cloud_configure(args: argparse.Namespace) -> int:
             passphrase = _ask_passphrase("E2EE passphrase (the same on every device): ", args.passphrase_stdin,
                                          args.weak)
             key = derive_passphrase_key(passphrase, account_salt(user_id))
+            try:
+                before = e2ee_key(cfg)
+            except ContextFSError:
+                before = None
             with open_store(cfg.home) as store:
                 _verify_or_write_key_check(client, store.device_id, user_id, key)
-                if cfg.get("cloud", "e2ee_key") and cfg.get("cloud", "e2ee_key") != b64url_encode(key):
+                if before is not None and before != key:
                     # The passphrase changed (cloud rekey on another device): what this device
                     # pushed under the old key in the meantime goes up again under the new one,
                     # and the old key stays, for reading only, until a sync finds nothing under it.
                     store.mark_dirty("memory", [i for i, _h, deleted, dirty in store.manifest("memory")
                                                 if not deleted and not dirty])
-                    cfg.set("cloud", "e2ee_previous_key", cfg.get("cloud", "e2ee_key"))
+                    cfg.set("cloud", "e2ee_previous_key", b64url_encode(before))
         cfg.set("cloud", "e2ee", True)
-        cfg.set("cloud", "e2ee_key", b64url_encode(key))
+        set_e2ee_key(cfg, key)
     elif args.e2ee is False:
         if cfg.e2ee and cfg.enabled and cfg.api_key and not args.yes:
             _confirm_plaintext(cfg)
         cfg.set("cloud", "e2ee", False)
-        for name in ("e2ee_key", "e2ee_old_key", "e2ee_previous_key"):
+        set_e2ee_key(cfg, None)
+        for name in ("e2ee_old_key", "e2ee_previous_key"):
             cfg.set("cloud", name, None)
     save_config(cfg)
     view = {"enabled": cfg.enabled, "server_url": cfg.server_url, "api_key": mask_key(cfg.api_key),
             "e2ee": cfg.e2ee}
+    if cfg.e2ee:
+        view["e2ee_key_kept_in"] = "OS keyring" if cfg.get("cloud", "e2ee_key") == _IN_KEYRING else str(cfg.path)
     if args.json:
         _print_json(view)
     else:

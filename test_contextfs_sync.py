@@ -1392,6 +1392,31 @@ def test_a_lost_passphrase_is_started_over_and_nothing_this_device_holds_is_lost
     assert cli_json(laptop, "cloud", "status")["e2ee"] is True
 
 
+def test_the_e2ee_key_is_kept_in_the_os_keyring_when_there_is_one(tmp_path, two_devices_ref):
+    """Issue 27, item 7: with a working keyring (here keyrings.alt's file backend, in a temp data
+    dir) the derived key is kept there and config.toml holds only a marker; without one, the
+    0600 config as before; logout forgets it in both."""
+    pytest.importorskip("cryptography")
+    pytest.importorskip("keyrings.alt")
+    server, key, laptop, desktop = two_devices_ref
+    ring = {"PYTHON_KEYRING_BACKEND": "keyrings.alt.file.PlaintextKeyring", "XDG_DATA_HOME": str(tmp_path / "data")}
+    proc = run_cli(laptop, "cloud", "configure", "--e2ee", "--passphrase-stdin", "--json",
+                   input="correct horse battery\n", env=ring, check=0)
+    assert json.loads(proc.stdout)["e2ee_key_kept_in"] == "OS keyring"
+    assert 'e2ee_key = "keyring"' in (laptop / "config.toml").read_text()
+    stored = (tmp_path / "data" / "python_keyring" / "keyring_pass.cfg").read_text()
+    e2ee_on(desktop)                                                  # no keyring: the config file
+    assert "e2ee_key = " in (desktop / "config.toml").read_text() and "keyring" not in (desktop / "config.toml").read_text()
+    mem = cli_json(laptop, "save", "kept under a key from the keyring", env=ring)["id"]
+    run_cli(laptop, "cloud", "sync", env=ring, check=0)
+    sync(desktop)
+    assert cli_json(desktop, "show", mem)["content"] == "kept under a key from the keyring"
+    proc = run_cli(laptop, "cloud", "sync")                           # the keyring is not there
+    assert proc.returncode == 3 and "OS keyring" in proc.stderr and "Traceback" not in proc.stderr
+    run_cli(laptop, "cloud", "logout", env=ring, check=0)
+    assert (tmp_path / "data" / "python_keyring" / "keyring_pass.cfg").read_text() != stored
+
+
 def test_a_short_passphrase_is_refused_unless_weak_is_asked_for(two_devices_ref):
     """Issue 27, item 7: fewer than 12 characters is refused (usage, nothing written); --weak takes it."""
     pytest.importorskip("cryptography")
