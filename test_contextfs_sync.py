@@ -3209,6 +3209,18 @@ def run_convergence(root, server, seed, steps, devices=3):
                                     "deleted": obj.deleted_at is not None,
                                     "local_only": local_only or (kind == "memory" and obj.local_only)}
 
+    def supersede(d, kind, seen):
+        """The user of device d replaced ``seen`` (the version it held) with an edit or a
+        delete: every other head still waiting for that very text (each text is unique) was
+        seen and replaced, not lost, whatever its clock says (ContextFS Cloud's insert tick
+        re-mints clocks of a row re-uploaded after a server restore)."""
+        for k in [k for k, head in heads.items() if k[1:] == (kind, seen.id) and k[0] != d
+                  and not head["deleted"] and head["content"] == seen.content]:
+            if isinstance(k[0], int) and _pending_on(homes[k[0]], kind, seen.id):
+                continue  # still to be pushed there (a copied home): a conflict copy keeps it
+            del heads[k]
+            stats["heads_superseded"] += 1
+
     def text():
         return f"step {stats['steps']} {rng.choice(['uv', 'pip', 'ruff', 'pytest', 'sqlite'])} {uuid.uuid4().hex[:8]}"
 
@@ -3245,15 +3257,16 @@ def run_convergence(root, server, seed, steps, devices=3):
                         and not head["deleted"] and not head["local_only"]}
                 if not mine:
                     continue
-                for row_id, text_value, clock_text in store.conn.execute(
-                        f"SELECT id, {text_column}, vector_clock FROM {table} WHERE dirty = 0 AND deleted_at IS NULL "
+                for row_id, text_value, deleted, clock_text in store.conn.execute(
+                        f"SELECT id, {text_column}, deleted_at IS NOT NULL, vector_clock FROM {table} WHERE dirty = 0 "
                         f"AND id IN (SELECT value FROM json_each(?))", (json.dumps(list(mine)),)):
-                    if text_value == mine[row_id]["content"]:
+                    if text_value == mine[row_id]["content"] and not deleted:
                         mine[row_id]["clock"] = json.loads(clock_text)
                     elif cfs.clock_compare(json.loads(clock_text), mine[row_id]["clock"]) == "after":
-                        # Pulled over by an edit made with this write in view: superseded, not
-                        # lost. (Left as a head, a later conflict on the row would pin this
-                        # text on a copy of the newer one.)
+                        # Pulled over by an edit or a delete made with this write in view:
+                        # superseded, not lost. (Left as a head, a later conflict on the row
+                        # would pin this text on a copy of the newer one, and a later delete
+                        # of an older copy, settled onto, would look concurrent with it.)
                         del heads[(d, kind, row_id)]
                         stats["heads_superseded"] += 1
         return report
@@ -3331,10 +3344,13 @@ def run_convergence(root, server, seed, steps, devices=3):
             elif op == "edit" and live:
                 m = rng.choice(live)
                 edited = store.edit(m.id, content=text())
+                supersede(d, "memory", m)
                 if edited.expires_at is None:
                     record(d, "memory", edited)
             elif op == "delete" and live:
-                record(d, "memory", store.delete(rng.choice(live).id))
+                m = rng.choice(live)
+                supersede(d, "memory", m)
+                record(d, "memory", store.delete(m.id))
             elif op == "publish" and [m for m in live if m.draft]:
                 record(d, "memory", store.edit(rng.choice([m for m in live if m.draft]).id, publish=True))
             elif op == "link" and len(live) >= 2:  # drafts and temporary memories too: held back
@@ -3444,6 +3460,15 @@ def run_convergence(root, server, seed, steps, devices=3):
         db.close()
     stats["memories_on_server"] = sum(1 for k, _i in server_state if k == "memories")
     return stats, problems
+
+
+def _pending_on(home, kind, row_id):
+    """Whether this device holds the row dirty (a write of its own not pushed yet)."""
+    table = "memories" if kind == "memory" else "sessions"
+    with sqlite3.connect(home / "sync.db") as db:
+        row = db.execute(f"SELECT dirty FROM {table} WHERE id = ?", (row_id,)).fetchone()
+    db.close()
+    return bool(row and row[0])
 
 
 def _held_anywhere(homes, kind, row_id, text):
