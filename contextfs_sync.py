@@ -3307,6 +3307,22 @@ def e2ee_key(cfg: Config) -> Optional[bytes]:
     return key
 
 
+def account_id(client: "CloudClient") -> str:
+    """The id of the account this API key belongs to (GET /api/auth/me): E2EE salts and key
+    checks hang on it."""
+    user_id = client.me().get("id")
+    if not isinstance(user_id, str) or not user_id:
+        raise ServerError(f"{client.server_url} did not say which account this API key belongs to "
+                          "(GET /api/auth/me); E2EE needs it")
+    return user_id
+
+
+def synced_live_memory_ids(store: Store) -> List[str]:
+    """The live memories this device holds as the server had them (clean): what a passphrase
+    change uploads again."""
+    return [i for i, _h, deleted, dirty in store.manifest("memory") if not deleted and not dirty]
+
+
 def lookup_key_check(client: "CloudClient", device: str, check_id: str,
                      manifest: Sequence[dict] = ()) -> Tuple[Optional[Memory], List[Memory]]:
     """The account's key check (None when it has none: its content is the sealed text) and the
@@ -3469,10 +3485,7 @@ class SyncEngine:
         state = f"account|{self.scope}"
         user_id = self.store.state(state)
         if not user_id:
-            user_id = self.client.me().get("id")
-            if not isinstance(user_id, str) or not user_id:
-                raise ServerError(f"{self.client.server_url} did not say which account this API key belongs to "
-                                  "(GET /api/auth/me)")
+            user_id = account_id(self.client)
             self.store.set_state(state, user_id)
         return e2ee_check_id(user_id)
 
@@ -4101,9 +4114,7 @@ def cloud_rekey(home: Optional[Path], passphrase: str,
         raise UsageError("End-to-end encryption is off on this device; turn it on first: contextfs cloud configure --e2ee")
     current, resuming = e2ee_key(cfg), cfg.get("cloud", "e2ee_old_key")
     with SyncLock(cfg.home), open_store(cfg.home) as store, _client_for(cfg) as client:
-        user_id = client.me().get("id")
-        if not isinstance(user_id, str) or not user_id:
-            raise ServerError(f"{cfg.server_url} did not say which account this API key belongs to (GET /api/auth/me)")
+        user_id = account_id(client)
         new = derive_passphrase_key(passphrase, account_salt(user_id))
         if resuming:
             old = b64url_decode(resuming)
@@ -4131,8 +4142,7 @@ def cloud_rekey(home: Optional[Path], passphrase: str,
                 raise ServerError("The server did not take the new key check; run contextfs cloud rekey again")
         marked = 0
         if store.state(f"rekey_marked|{engine.scope}") != "1":
-            marked = store.mark_dirty("memory", [i for i, _h, deleted, dirty in store.manifest("memory")
-                                                 if not deleted and not dirty])
+            marked = store.mark_dirty("memory", synced_live_memory_ids(store))
             store.set_state(f"rekey_marked|{engine.scope}", "1")
         report = engine.run("both")
         store.set_state(f"rekey_marked|{engine.scope}", None)
@@ -4152,9 +4162,7 @@ def cloud_reset_e2ee(home: Optional[Path], passphrase: str, keep_unreadable: boo
     cfg = load_config(home)
     require_cloud(cfg)
     with SyncLock(cfg.home), open_store(cfg.home) as store, _client_for(cfg) as client:
-        user_id = client.me().get("id")
-        if not isinstance(user_id, str) or not user_id:
-            raise ServerError(f"{cfg.server_url} did not say which account this API key belongs to (GET /api/auth/me)")
+        user_id = account_id(client)
         new = derive_passphrase_key(passphrase, account_salt(user_id))
         manifest = store.manifest("memory")
         local = {i for i, _h, _deleted, _dirty in manifest}
@@ -5271,10 +5279,7 @@ def cmd_cloud_configure(args: argparse.Namespace) -> int:
         if not cfg.api_key:
             raise NotConfigured(MSG_NO_KEY)
         with _client_for(cfg) as client:
-            user_id = client.me().get("id")
-            if not isinstance(user_id, str) or not user_id:
-                raise ServerError(f"{cfg.server_url} did not say which account this API key belongs to "
-                                  "(GET /api/auth/me); E2EE needs it")
+            user_id = account_id(client)
             passphrase = _ask_passphrase("E2EE passphrase (the same on every device): ", args.passphrase_stdin,
                                          args.weak)
             key = derive_passphrase_key(passphrase, account_salt(user_id))
@@ -5288,8 +5293,7 @@ def cmd_cloud_configure(args: argparse.Namespace) -> int:
                     # The passphrase changed (cloud rekey on another device): what this device
                     # pushed under the old key in the meantime goes up again under the new one,
                     # and the old key stays, for reading only, until a sync finds nothing under it.
-                    store.mark_dirty("memory", [i for i, _h, deleted, dirty in store.manifest("memory")
-                                                if not deleted and not dirty])
+                    store.mark_dirty("memory", synced_live_memory_ids(store))
                     cfg.set("cloud", "e2ee_previous_key", b64url_encode(before))
         cfg.set("cloud", "e2ee", True)
         set_e2ee_key(cfg, key)
