@@ -1826,11 +1826,18 @@ class Store:
             return self.conn.execute(
                 "SELECT count(*) FROM memories WHERE deleted_at IS NULL AND conflict_of IS NULL").fetchone()[0]
 
-    def manifest(self, kind: str = "memory") -> List[Tuple[str, Optional[str], bool, bool]]:
+    def manifest(self, kind: str = "memory", keyed: Optional[Callable[[str], str]] = None
+                 ) -> List[Tuple[str, Optional[str], bool, bool]]:
         """(id, content_hash, deleted, dirty) of every syncable row of a kind (for /api/sync/diff;
-        sessions and edges have no hash)."""
+        sessions and edges have no hash). ``keyed`` turns the plain hash of a live memory the
+        server holds sealed into the one it was sent with (keyed_content_hash)."""
         table = _KINDS[kind][0]
         hashed = "content_hash" if kind == "memory" else "NULL"
+        if kind == "memory" and keyed is not None:
+            with self._lock:
+                return [(r[0], keyed(r[1]) if r[4] and r[2] is None and r[1] else r[1], r[2] is not None, bool(r[3]))
+                        for r in self.conn.execute(
+                            f"SELECT id, content_hash, deleted_at, dirty, sealed FROM memories WHERE {_PUSHABLE[kind]}")]
         if kind == "edge":  # an edge's id is from_id:to_id:relation (Edge.id)
             ident = "from_id || ':' || to_id || ':' || relation"
             where = f"from_id IN (SELECT id FROM memories WHERE {_PUSHABLE['memory']}) " \
@@ -2734,8 +2741,12 @@ def derive_anchor_key(api_key: str, salt: str) -> bytes:
 # and a device pushes, only when its key opens it; a device without a key pushes nothing into an
 # account that has one. The row never enters a local store; it travels in the clear as ciphertext
 # (content_hash over the ciphertext, "encrypted": false), so no client tries to decrypt it.
+# Since version 2 the check also carries the account's content-hash key: a random secret,
+# made once with the check and carried over by `cloud rekey`, that keys the content_hash of
+# every memory sealed in our format (see keyed_content_hash).
 E2EE_CHECK_PREFIX = "contextfs-e2ee-check-"
 _E2EE_CHECK_TEXT = "contextfs-sync e2ee key check v1"
+_E2EE_CHECK_TEXT_V2 = "contextfs-sync e2ee key check v2"
 
 
 def e2ee_check_id(user_id: str) -> str:
@@ -2745,18 +2756,52 @@ def e2ee_check_id(user_id: str) -> str:
     return E2EE_CHECK_PREFIX + hashlib.sha256(b"contextfs-sync e2ee check v1\0" + user_id.encode("utf-8")).hexdigest()[:24]
 
 
-def seal_key_check(key: bytes) -> str:
-    """The key check's content: the known text sealed under ``key``."""
-    return encrypt_content(key, _E2EE_CHECK_TEXT)
+def seal_key_check(key: bytes, hash_key: Optional[bytes]) -> str:
+    """The key check's content, sealed under ``key``: the known text and the account's
+    content-hash key (new_hash_key() for a new check; a rekey carries the old one over, and
+    None, an account with plain hashes, stays a version 1 check)."""
+    if hash_key is None:
+        return encrypt_content(key, _E2EE_CHECK_TEXT)
+    return encrypt_content(key, json.dumps({"check": _E2EE_CHECK_TEXT_V2, "hash_key": b64url_encode(hash_key)}))
+
+
+def new_hash_key() -> bytes:
+    """A new account content-hash key (random, 32 bytes)."""
+    return os.urandom(32)
+
+
+def open_key_check(key: bytes, sealed: str) -> Tuple[bool, Optional[bytes]]:
+    """(whether ``key`` opens an account's key check, the content-hash key it carries: None in a
+    version 1 check, whose account keeps plain content hashes)."""
+    _aesgcm()  # a missing extra is named, not taken for a wrong key
+    try:
+        text = decrypt_content(key, sealed)
+    except CryptoError:
+        return False, None
+    if text == _E2EE_CHECK_TEXT:
+        return True, None
+    try:
+        fields = json.loads(text)
+        hash_key = b64url_decode(fields["hash_key"]) if fields.get("check") == _E2EE_CHECK_TEXT_V2 else b""
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False, None
+    return (True, hash_key) if len(hash_key) == 32 else (False, None)
 
 
 def key_opens_check(key: bytes, sealed: str) -> bool:
     """Whether ``key`` opens an account's key check."""
-    _aesgcm()  # a missing extra is named, not taken for a wrong key
-    try:
-        return decrypt_content(key, sealed) == _E2EE_CHECK_TEXT
-    except CryptoError:
-        return False
+    return open_key_check(key, sealed)[0]
+
+
+def keyed_content_hash(hash_key: bytes, plain_hash: str) -> str:
+    """The content_hash a memory sealed in our format carries: an HMAC of the plaintext's hash
+    under the account's content-hash key, so the server cannot confirm a guess of the text
+    while equal texts still have equal hashes (diff manifests and equal-clock checks work)."""
+    import hashlib
+    import hmac
+
+    return hmac.new(hash_key, b"contextfs-sync content hash v1\0" + plain_hash.encode("ascii"),
+                    hashlib.sha256).hexdigest()[:16]
 
 
 def encrypt_content(key: bytes, plaintext: str, nonce: Optional[bytes] = None, bind: Optional[str] = None) -> str:
@@ -2795,18 +2840,21 @@ def _bound_to(memory_id: str) -> bytes:
     return b"contextfs-sync e2ee v2\0" + memory_id.encode("utf-8")
 
 
-def seal_memory(key: bytes, wire: dict) -> dict:
+def seal_memory(key: bytes, wire: dict, hash_key: Optional[bytes] = None) -> dict:
     """A wire memory sealed in our format: content, summary, tags, metadata and source repo and
     file travel inside one ciphertext bound to the id; outside it they are empty (the id, type,
-    namespace, session id, timestamps, clock and content_hash stay visible)."""
+    namespace, session id, timestamps, clock and content_hash stay visible; the hash keyed with
+    ``hash_key``, the account's content-hash key, when it has one)."""
     fields = {"content": wire["content"], "summary": wire.get("summary"), "tags": wire.get("tags") or [],
               "metadata": wire.get("metadata") or {}, "source_repo": wire.get("source_repo"),
               "source_file": wire.get("source_file"), "pad": ""}
     size = len(json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
     fields["pad"] = " " * (padded_size(size) - size)  # the server sees a size bucket, not the length
     payload = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+    hashed = keyed_content_hash(hash_key, wire["content_hash"]) if hash_key and wire.get("content_hash") else \
+        wire.get("content_hash")
     return dict(wire, content=encrypt_content(key, payload, bind=wire["id"]), summary=None, tags=[], metadata={},
-                source_repo=None, source_file=None, encrypted=True)
+                source_repo=None, source_file=None, encrypted=True, content_hash=hashed)
 
 
 def seal_field(key: bytes, text: Optional[str], bind: str) -> Optional[str]:
@@ -2832,9 +2880,10 @@ def padded_size(size: int) -> int:
     return bucket if size <= bucket else -(-size // (64 * 1024)) * 64 * 1024
 
 
-def open_memory(key: bytes, memory: Any) -> bool:
+def open_memory(key: bytes, memory: Any, hash_key: Optional[bytes] = None) -> bool:
     """Decrypt a pulled memory in place (our format, or the public client's and older ones:
-    content only); False, and the memory untouched, unless it opens and matches content_hash."""
+    content only); False, and the memory untouched, unless it opens and matches content_hash
+    (keyed with ``hash_key`` in our format, or plain: an account's rows from before it had one)."""
     try:
         plaintext = decrypt_content(key, memory.content, bind=memory.id)
     except CryptoError:
@@ -2849,7 +2898,9 @@ def open_memory(key: bytes, memory: Any) -> bool:
                 and isinstance(fields.get("summary"), (str, type(None))) and isinstance(fields.get("tags"), list)
                 and all(isinstance(t, str) for t in fields["tags"]) and isinstance(fields.get("metadata"), dict)):
             return False
-    if memory.content_hash and content_hash(fields["content"]) != memory.content_hash:
+    plain_hash = content_hash(fields["content"])
+    if memory.content_hash and memory.content_hash != plain_hash and not (
+            hash_key and "metadata" in fields and memory.content_hash == keyed_content_hash(hash_key, plain_hash)):
         return False
     memory.content = fields["content"]
     if "metadata" in fields:
@@ -2857,7 +2908,7 @@ def open_memory(key: bytes, memory: Any) -> bool:
         memory.source_repo, memory.source_file = fields.get("source_repo"), fields.get("source_file")
         mark = fields["metadata"].get("conflict_of")
         memory.conflict_of = mark if isinstance(mark, str) and mark else memory.conflict_of
-    memory.content_hash, memory.encrypted, memory.sealed = content_hash(memory.content), False, True
+    memory.content_hash, memory.encrypted, memory.sealed = plain_hash, False, True
     return True
 
 
@@ -3384,6 +3435,9 @@ class SyncEngine:
         self._unreadable_before = bool(store.state(f"unreadable|{self.scope}"))
         self._keys_lock = threading.Lock()
         self._damaged = 0  # pulled memories whose content did not match their hash
+        self._hash_key: Optional[bytes] = None  # the account's content-hash key (_content_hash_key)
+        self._hash_key_known = False
+        self._gated = False  # _e2ee_gate passed
 
     def run(self, direction: str = "both", push_all: bool = False, force: bool = False,
             dry_run: bool = False) -> SyncReport:
@@ -3445,7 +3499,8 @@ class SyncEngine:
     def _wire(self, kind: str, obj: Any) -> dict:
         wire = obj.to_wire()
         if kind == "memory" and self.key is not None and wire["deleted_at"] is None:
-            wire = seal_memory(self.key, wire)  # content_hash stays the plaintext's (protocol.md §9)
+            self._e2ee_gate()  # the content-hash key comes with the key check
+            wire = seal_memory(self.key, wire, self._content_hash_key())
         elif kind == "session" and self.key is not None and wire["deleted_at"] is None:
             for name in ("label", "summary"):
                 wire[name] = seal_field(self.key, wire[name], f"session/{obj.id}/{name}")
@@ -3492,14 +3547,19 @@ class SyncEngine:
     def _lookup_key_check(self) -> Optional[Memory]:
         """Ask the server for the key check. Our synced rows are listed, so only what we lack
         comes back (rows not pushed yet are left out: listing them only costs bytes)."""
-        manifest = [{"id": i, "content_hash": h} for i, h, _deleted, dirty in self.store.manifest("memory") if not dirty]
+        keyed = (lambda plain: keyed_content_hash(self._hash_key, plain)) if self._hash_key else None
+        manifest = [{"id": i, "content_hash": h} for i, h, _deleted, dirty in self.store.manifest("memory", keyed)
+                    if not dirty]
         check, _others = lookup_key_check(self.client, self.store.device_id, self._check_id(), manifest)
         self.store.set_state(f"e2ee_check|{self.scope}", check.content if check is not None else "-")
         return check
 
     def _e2ee_gate(self) -> None:
         """Before anything is pushed: no plaintext into an account that has a key check, no rows
-        under a key that fails it; the first device with E2EE on an account writes the check."""
+        under a key that fails it; the first device with E2EE on an account writes the check.
+        Once per engine."""
+        if self._gated:
+            return
         sealed = self.store.state(f"e2ee_check|{self.scope}")
         if sealed is None or (sealed == "-" and self.key is not None):
             # Never looked on this server and account, or about to write a check: look (again).
@@ -3508,15 +3568,15 @@ class SyncEngine:
         if self.key is None:
             if sealed != "-":
                 raise NotConfigured(MSG_E2EE_NO_KEY)
-            return
-        if sealed == "-":
+        elif sealed == "-":
             self._write_key_check()
         elif not key_opens_check(self.key, sealed):
             raise CryptoError(MSG_E2EE_WRONG_KEY.format("; nothing was pushed"))
+        self._gated = True
 
     def _write_key_check(self) -> None:
         """Store this account's key check, sealed under this device's key."""
-        sealed = seal_key_check(self.key)
+        sealed = seal_key_check(self.key, new_hash_key())
         device = self.store.device_id
         response = self.client.push(device, [key_check_wire(self._check_id(), sealed, device)], [], [])
         results = response.get("results")
@@ -3533,6 +3593,28 @@ class SyncEngine:
             raise ServerError("The server did not keep this account's E2EE key check; nothing was pushed")
         if not key_opens_check(self.key, found.content):
             raise CryptoError(MSG_E2EE_WRONG_KEY.format("; nothing was pushed"))
+
+    def _content_hash_key(self) -> Optional[bytes]:
+        """The account's content-hash key, from its key check (looked up if never seen here):
+        None without E2EE, or on an account whose check predates it (plain hashes)."""
+        if self.key is None:
+            return None
+        if not self._hash_key_known:
+            sealed = self.store.state(f"e2ee_check|{self.scope}")
+            if sealed is None:
+                check = self._lookup_key_check()
+                sealed = check.content if check is not None else "-"
+            for key in (self.key, self.old_key):  # mid-rekey the check may be under either
+                opens, hash_key = open_key_check(key, sealed) if key is not None and sealed != "-" else (False, None)
+                if opens:
+                    self._hash_key, self._hash_key_known = hash_key, True
+                    break
+        return self._hash_key
+
+    def _keyed(self) -> Optional[Callable[[str], str]]:
+        """What turns a sealed memory's plain hash into the one the server holds (None: plain)."""
+        hash_key = self._content_hash_key()
+        return None if hash_key is None else (lambda plain: keyed_content_hash(hash_key, plain))
 
     def _key_checked(self) -> bool:
         """Whether this device's key opens the account's key check (as last seen)."""
@@ -3856,7 +3938,8 @@ class SyncEngine:
         """Compare every syncable row with the server (/api/sync/diff: memories by content hash,
         sessions and links by id): pull what the pages missed, and mark for upload what the
         server lacks though this device had synced it. True if any was marked."""
-        manifests = {kind: self.store.manifest(kind) for kind in ("memory", "session", "edge")}
+        manifests = {kind: self.store.manifest(kind, self._keyed() if kind == "memory" else None)
+                     for kind in ("memory", "session", "edge")}
         # No deleted_at in the manifest: ContextFS Cloud would apply it (its diff rule 2).
         response = self.client.diff(
             self.store.device_id, [{"id": i, "content_hash": h} for i, h, _deleted, _dirty in manifests["memory"]],
@@ -3955,8 +4038,9 @@ class SyncEngine:
         looks_sealed = memory.encrypted or _looks_like_ciphertext(memory.content)
         keys = [k for k in (self.key, self.old_key) if k is not None] + \
             (self._public_client_keys() if looks_sealed else [])
+        hash_key = self._content_hash_key() if self.key is not None else None
         for key in keys:
-            if open_memory(key, memory):
+            if open_memory(key, memory, hash_key):
                 if key is self.old_key:
                     self._under_old_key.append(memory.id)
                     self.opened_with_old_key += 1
@@ -4135,8 +4219,12 @@ def cloud_rekey(home: Optional[Path], passphrase: str,
             if check is not None and not key_opens_check(old, check.content):
                 raise CryptoError("This account's key check opens with neither the old nor the new passphrase: "
                                   "another device changed it meanwhile. Nothing more was changed here")
+            # The content-hash key carries over: the re-uploads below keep their hashes, so every
+            # server takes them as the versions they are (same clock, same data).
+            hash_key = open_key_check(old, check.content)[1] if check is not None else None
             device = store.device_id
-            client.push(device, [key_check_wire(engine._check_id(), seal_key_check(new), device, replaces=check)], [], [])
+            sealed = seal_key_check(new, hash_key)
+            client.push(device, [key_check_wire(engine._check_id(), sealed, device, replaces=check)], [], [])
             check = engine._lookup_key_check()
             if check is None or not key_opens_check(new, check.content):
                 raise ServerError("The server did not take the new key check; run contextfs cloud rekey again")
@@ -4175,7 +4263,9 @@ def cloud_reset_e2ee(home: Optional[Path], passphrase: str, keep_unreadable: boo
         if not confirm(plan):
             raise UsageError("Nothing was changed")
         device = store.device_id
-        client.push(device, [key_check_wire(e2ee_check_id(user_id), seal_key_check(new), device, replaces=check)], [], [])
+        # A new content-hash key too: every memory goes up again as a new version anyway.
+        client.push(device, [key_check_wire(e2ee_check_id(user_id), seal_key_check(new, new_hash_key()), device,
+                                            replaces=check)], [], [])
         for memory in lost:
             memory.deleted_at = utc_now()   # a tombstone newer than what nobody can read
         store.republish(mine + ([] if keep_unreadable else lost))
@@ -4232,7 +4322,8 @@ def cloud_check(home: Optional[Path] = None) -> dict:
         manifest = []
         local_hashes: Dict[str, Tuple[str, bool]] = {}
         synced = set()  # rows this device holds clean: the server had them when it last synced
-        for row_id, row_hash, deleted, dirty in store.manifest():
+        keyed = SyncEngine(store, client, cfg, e2ee_key(cfg))._keyed() if cfg.e2ee else None
+        for row_id, row_hash, deleted, dirty in store.manifest("memory", keyed):
             if not dirty:
                 synced.add(row_id)
             # deleted_at is left out on purpose: an anchor server would apply it (diff rule 2);
@@ -5348,7 +5439,7 @@ def _verify_or_write_key_check(client: CloudClient, device: str, user_id: str, k
                    and (m.encrypted or _looks_like_ciphertext(m.content))]
     if sealed_rows and not any(open_memory(key, m) for m in sealed_rows[:20]):
         raise CryptoError(MSG_E2EE_WRONG_KEY.format("; nothing was changed"))
-    client.push(device, [key_check_wire(check_id, seal_key_check(key), device)], [], [])
+    client.push(device, [key_check_wire(check_id, seal_key_check(key, new_hash_key()), device)], [], [])
 
 
 def _confirm_plaintext(cfg: Config) -> None:

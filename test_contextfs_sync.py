@@ -1116,7 +1116,8 @@ def test_e2ee_round_trip_server_sees_only_ciphertext(tmp_path, two_devices):
     stored = server_memories(server, key)[m["id"]]
     # ContextFS Cloud never stores the flag (protocol.md gap 6): it serves ciphertext as plain.
     assert stored["encrypted"] is not isinstance(server, AnchorServer) and "launch" not in stored["content"]
-    assert stored["content_hash"] == cfs.content_hash(text)
+    # Its content_hash is keyed (issue 27, item 7): the server cannot confirm a guess of the text.
+    assert re.fullmatch(r"[0-9a-f]{16}", stored["content_hash"]) and stored["content_hash"] != cfs.content_hash(text)
     # Summary, tags and metadata travel inside the ciphertext (issue 27, item 7).
     assert not stored["summary"] and not stored["tags"] and "silo" not in json.dumps(stored)
     assert "silo" not in json.dumps(server_rows(server, key)[("sessions", session["id"])])  # label, summary
@@ -1265,16 +1266,21 @@ def _account_key(server, api_key, passphrase):
 
 
 def _server_opens_all_with(server, api_key, key, ids):
-    """Every live memory in ids is on the server in our format and opens with key (no other)."""
+    """Every live memory in ids is on the server in our format and opens with key (no other),
+    its content_hash keyed with the content-hash key in the account's key check; returns
+    {id: content_hash on the server}."""
     held = server_memories(server, api_key)
     checks = [m for i, m in held.items() if i.startswith(cfs.E2EE_CHECK_PREFIX)]
-    assert len(checks) == 1 and cfs.key_opens_check(key, checks[0]["content"])
+    assert len(checks) == 1
+    opens, hash_key = cfs.open_key_check(key, checks[0]["content"])
+    assert opens and len(hash_key) == 32
     for memory_id in ids:
         content = held[memory_id]["content"]
         assert content.startswith(cfs.SEALED_MARK), memory_id
         sealed = json.loads(cfs.decrypt_content(key, content, bind=memory_id))
-        assert cfs.content_hash(sealed["content"]) == held[memory_id]["content_hash"]
+        assert cfs.keyed_content_hash(hash_key, cfs.content_hash(sealed["content"])) == held[memory_id]["content_hash"]
         assert not held[memory_id]["summary"] and not held[memory_id]["tags"]  # inside the ciphertext
+    return {memory_id: held[memory_id]["content_hash"] for memory_id in ids}
 
 
 def test_rekey_moves_every_memory_and_the_key_check_and_tells_the_other_devices(tmp_path, two_devices):
@@ -1286,11 +1292,13 @@ def test_rekey_moves_every_memory_and_the_key_check_and_tells_the_other_devices(
     e2ee_on(laptop, desktop)
     ids = [cli_json(laptop, "save", f"note {n} — ✓")["id"] for n in range(12)]
     sync(laptop), sync(desktop)
+    hashes = _server_opens_all_with(server, key, _account_key(server, key, "correct horse battery"), ids)
     ids.append(cli_json(desktop, "save", "the desktop's, not pushed before the rekey")["id"])
     proc = run_cli(laptop, "cloud", "rekey", "--passphrase-stdin", input="a brand new passphrase\n", check=0)
     assert "Re-encrypted 12 memories under the new passphrase" in proc.stdout, proc.stdout
     assert "contextfs cloud configure --e2ee" in proc.stdout
-    _server_opens_all_with(server, key, _account_key(server, key, "a brand new passphrase"), ids[:12])
+    # New ciphertexts, the same keyed hashes: the content-hash key moved with the key check.
+    assert _server_opens_all_with(server, key, _account_key(server, key, "a brand new passphrase"), ids[:12]) == hashes
     # The desktop pushes its note under the old key (it does not know yet), then hears of it.
     proc = run_cli(desktop, "cloud", "sync")
     assert proc.returncode == 1 and "changed on another device" in proc.stderr, proc
@@ -1460,6 +1468,36 @@ def test_anchor_e2ee_test_vector_decrypts():
     assert cfs.encrypt_content(key, "hello world!", nonce=bytes(12)) == token
     with pytest.raises(cfs.CryptoError):
         cfs.decrypt_content(bytes(32), token)
+
+
+def test_an_encrypted_memorys_content_hash_is_keyed_per_account_and_diffs_still_agree(tmp_path, two_devices):
+    """Issue 27, item 7: the server sees an HMAC of the text's hash under the account's
+    content-hash key (kept inside the key check), not sha256(text): it cannot confirm a guess,
+    another account with the same passphrase and text gets another hash, yet equal texts stay
+    equal within the account, so `cloud check` and the diff reconcile agree on every row."""
+    pytest.importorskip("cryptography")
+    server, key, laptop, desktop = two_devices
+    e2ee_on(laptop, desktop)
+    text = "the staging database password is hunter2"
+    first, second = (cli_json(laptop, "save", text)["id"] for _ in range(2))
+    sync(laptop), sync(desktop)
+    hashes = _server_opens_all_with(server, key, _account_key(server, key, "correct horse battery"), [first, second])
+    assert hashes[first] == hashes[second] != cfs.content_hash(text)
+    for home in (laptop, desktop):
+        assert local_memories(home)[first]["content_hash"] == cfs.content_hash(text)  # plain on the device
+        assert cli_json(home, "cloud", "check")["in_sync"], home
+    assert cli_json(desktop, "cloud", "sync", "--all")["pushed"]["memories"] == 2
+    assert cli_json(laptop, "cloud", "sync")["pulled"]["memories"] == 0  # the same versions: nothing to take
+    assert _server_opens_all_with(server, key, _account_key(server, key, "correct horse battery"), [first]) == \
+        {first: hashes[first]}
+    other_key = server.add_user("bob@example.com")
+    bob = make_device(tmp_path, "bob", server, other_key)
+    e2ee_on(bob)
+    theirs = cli_json(bob, "save", text)["id"]
+    sync(bob)
+    their_hash = _server_opens_all_with(server, other_key, _account_key(server, other_key, "correct horse battery"),
+                                        [theirs])[theirs]
+    assert their_hash not in (hashes[first], cfs.content_hash(text))
 
 
 def test_our_sealed_format_binds_the_id_hides_every_text_field_and_pads_to_buckets():
@@ -3452,14 +3490,25 @@ def run_convergence(root, server, seed, steps, devices=3):
                     where = f"from_id IN ({syncable}) AND to_id IN ({syncable})"
                 rows = db.execute(f"SELECT * FROM {table} WHERE {where}").fetchall()
                 mine = {r["id"]: _sync_fields(kind, dict(r), json.loads(r["vector_clock"])) for r in rows}
-                if mine != server_view(kind):
-                    diff = sorted(set(mine.items()) ^ set(server_view(kind).items()), key=repr)[:2]
-                    problems.append(f"dev{d}: {kind} differ from the server: {len(diff)} rows, e.g. {diff!r}")
+                theirs = server_view(kind)
+                if mine != theirs:
+                    problems.append(f"dev{d}: {kind} differ from the server: {_row_differences(mine, theirs)}")
                 if any(r["dirty"] for r in rows):
                     problems.append(f"dev{d}: {kind} still dirty after the final round")
         db.close()
     stats["memories_on_server"] = sum(1 for k, _i in server_state if k == "memories")
     return stats, problems
+
+
+def _row_differences(device, server, limit=3):
+    """Which rows differ between a device and the server, saying which side holds what."""
+    only_device = sorted(set(device) - set(server))
+    only_server = sorted(set(server) - set(device))
+    changed = sorted(i for i in set(device) & set(server) if device[i] != server[i])
+    parts = [f"{len(only_device)} only on the device {[(i, device[i]) for i in only_device[:limit]]!r}",
+             f"{len(only_server)} only on the server {[(i, server[i]) for i in only_server[:limit]]!r}",
+             f"{len(changed)} differ {[(i, device[i], server[i]) for i in changed[:limit]]!r}"]
+    return "; ".join(parts)
 
 
 def _pending_on(home, kind, row_id):
