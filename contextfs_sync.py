@@ -135,6 +135,10 @@ class CryptoError(ContextFSError):
     """End-to-end encryption failed (wrong passphrase, missing extra)."""
 
 
+class SyncBusy(ContextFSError):
+    """Another sync holds this home's sync lock (past the wait allowed)."""
+
+
 class MassDeleteError(ContextFSError):
     """A sync would delete a large part of the store; it stops unless forced."""
 
@@ -839,8 +843,21 @@ _CONFIG_SCHEMA: Dict[Tuple[str, str], type] = {
     ("cloud", "e2ee_old_key"): str,   # only while `cloud rekey` runs (its resume point)
     ("cloud", "e2ee_previous_key"): str,  # after a passphrase change: reads rows still under it
     ("cloud", "insecure"): bool,
+    ("cloud", "auto_sync"): bool,       # while `contextfs mcp` runs (AutoSync)
+    ("cloud", "sync_interval"): str,    # a duration: "30s", "5m", "1h"
+    ("cloud", "push_delay"): str,       # how long after a local write auto-sync pushes it
     ("index", "embedder"): str,
 }
+AUTO_SYNC_INTERVAL = "5m"
+AUTO_SYNC_PUSH_DELAY = "5s"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as "45s", "5m", "1h" or "90" (seconds); ValueError otherwise."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(s|m|h)?\s*", text or "")
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m or 1h")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
 
 
 def contextfs_home() -> Path:
@@ -898,6 +915,21 @@ class Config:
     def e2ee(self) -> bool:
         """Whether end-to-end encryption is on."""
         return bool(self.get("cloud", "e2ee", False))
+
+    @property
+    def auto_sync(self) -> bool:
+        """Whether `contextfs mcp` syncs by itself (cloud.auto_sync, on by default; needs sync on)."""
+        return self.enabled and bool(self.get("cloud", "auto_sync", True))
+
+    @property
+    def sync_interval(self) -> float:
+        """Seconds between auto-sync rounds (cloud.sync_interval, default 5m)."""
+        return parse_duration(self.get("cloud", "sync_interval") or AUTO_SYNC_INTERVAL)
+
+    @property
+    def push_delay(self) -> float:
+        """Seconds auto-sync waits after a local write before pushing it (cloud.push_delay, default 5s)."""
+        return parse_duration(self.get("cloud", "push_delay") or AUTO_SYNC_PUSH_DELAY)
 
     @property
     def embedder(self) -> str:
@@ -973,6 +1005,16 @@ def load_config(home: Optional[Path] = None) -> Config:
         line, column = _toml_position(text, "index", "embedder")
         raise ConfigError(f"{cfg.path}:{line}:{column}: index.embedder must be one of "
                           f"{', '.join(EMBEDDERS)}, got {embedder!r}")
+    for key, least in (("sync_interval", 1.0), ("push_delay", 0.0)):
+        value = data.get("cloud", {}).get(key)
+        try:
+            ok = value is None or parse_duration(value) >= least
+        except ValueError:
+            ok = False
+        if not ok:
+            line, column = _toml_position(text, "cloud", key)
+            raise ConfigError(f"{cfg.path}:{line}:{column}: cloud.{key} must be a duration like \"30s\", \"5m\" or "
+                              f"\"1h\"{' of at least 1s' if least else ''}, got {value!r}; fix the file (it was not changed)")
     cfg.data = data
     return cfg
 
@@ -1795,6 +1837,11 @@ class Store:
                 f"UPDATE {table} SET dirty = 0, vector_clock = coalesce(?, vector_clock){also} "
                 f"WHERE id = ? AND seq = ? AND dirty = 1",
                 [(_dumps(clock) if clock else None, row_id, seq) for row_id, (seq, clock) in settled.items()])
+
+    def change_mark(self) -> int:
+        """The local write counter: it moves whenever something is written here to be pushed."""
+        with self._lock:
+            return self.conn.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
 
     def mark_dirty(self, kind: str, ids: Iterable[str]) -> int:
         """Make clean syncable rows dirty again (the server lost them): they are pushed next."""
@@ -3272,7 +3319,7 @@ class SyncLock:
             except OSError:
                 if time.monotonic() >= deadline:
                     self.handle.close()
-                    raise ContextFSError(f"Another sync is still running (lock {self.path} held for "
+                    raise SyncBusy(f"Another sync is still running (lock {self.path} held for "
                                          f"{self.timeout:.0f}s); try again when it finishes") from None
                 time.sleep(0.1)
         with _suppress(OSError):  # the pid is only a hint for humans: a full disk must not block
@@ -4157,8 +4204,11 @@ def _client_for(cfg: Config) -> CloudClient:
 
 def cloud_sync(home: Optional[Path] = None, direction: str = "both", push_all: bool = False,
                force: bool = False, dry_run: bool = False,
-               progress: Optional[Callable[[str], None]] = None) -> SyncReport:
-    """Sync this device with the cloud: push, pull or both (push then pull)."""
+               progress: Optional[Callable[[str], None]] = None,
+               lock_timeout: float = LOCK_TIMEOUT_SECONDS, retries: Optional[int] = None) -> SyncReport:
+    """Sync this device with the cloud: push, pull or both (push then pull); SyncBusy if
+    another sync holds the lock for more than ``lock_timeout`` seconds. ``retries``: attempts
+    after the first for a request that fails on the way (default MAX_RETRIES)."""
     if direction not in ("push", "pull", "both"):
         raise UsageError(f"direction must be push, pull or both, not {direction!r}")
     started = time.monotonic()
@@ -4169,7 +4219,9 @@ def cloud_sync(home: Optional[Path] = None, direction: str = "both", push_all: b
         raise NotConfigured("A passphrase change (contextfs cloud rekey) was interrupted on this device; finish it "
                             "first: contextfs cloud rekey (with the same new passphrase)")
     previous = cfg.get("cloud", "e2ee_previous_key")
-    with SyncLock(cfg.home), open_store(cfg.home) as store, _client_for(cfg) as client:
+    with SyncLock(cfg.home, lock_timeout), open_store(cfg.home) as store, _client_for(cfg) as client:
+        if retries is not None:
+            client.retries = retries
         engine = SyncEngine(store, client, cfg, key, progress,
                             old_key=b64url_decode(previous) if previous and key is not None else None)
         report = engine.run(direction, push_all, force, dry_run)
@@ -4179,6 +4231,185 @@ def cloud_sync(home: Optional[Path] = None, direction: str = "both", push_all: b
         save_config(cfg)
     report.duration_ms = int((time.monotonic() - started) * 1000)
     return report
+
+
+class AutoSync:
+    """Syncs by itself while `contextfs mcp` (or `cloud sync --watch`) runs: once at start, a
+    push ``push_delay`` after local writes (any process's: it watches the store's write
+    counter; more writes within the delay push it back, up to 6 delays), and a full sync every
+    ``sync_interval``. It runs on its own thread, so it never blocks a tool call; it never
+    overlaps another sync (a round that finds the sync lock held waits for the next second);
+    after a failure nothing runs for 5 s, then twice as long after each further failure (15
+    min at most), and never sooner than the interval. Each
+    round's result and the next run are kept in the store (state ``auto_sync``) for ``cloud
+    status`` and ``contextfs_sync_status``. The config is read again every round, so turning
+    sync or auto-sync off (or on) takes effect without a restart."""
+
+    TICK = 1.0           # seconds between looks at the store's write counter
+    FIRST_RETRY = 5.0    # seconds after the first failure
+    MAX_RETRY = 900.0    # seconds: the longest wait the doubling reaches
+
+    def __init__(self, home: Optional[Path] = None, on_round: Optional[Callable[[dict], None]] = None,
+                 owner: str = "contextfs mcp", always: bool = False):
+        self.home = home
+        self.always = always  # `cloud sync --watch`: runs whenever sync is on, whatever cloud.auto_sync says
+        self.on_round = on_round or (lambda result: None)
+        self.owner = owner
+        self.failures = 0
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "AutoSync":
+        """Run in a daemon thread (it stops with the process, or at stop())."""
+        self._thread = threading.Thread(target=self.run, name="contextfs-auto-sync", daemon=True)
+        self._thread.start()
+        return self
+
+    def alive(self) -> bool:
+        """Whether the loop's thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the loop to end and wait up to ``timeout`` for a running round."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        """The loop: until stop(), or the process ends."""
+        next_full = time.monotonic()          # once at start
+        push_due: Optional[float] = None      # a debounced push after local writes
+        first_change: Optional[float] = None
+        mark: Optional[int] = None
+        while not self._stop.is_set():
+            now = time.monotonic()
+            try:
+                cfg = load_config(self.home)
+                on = (cfg.enabled if self.always else cfg.auto_sync) and bool(cfg.api_key)
+                current = self._change_mark(cfg) if on else None
+            except ContextFSError as exc:     # a broken config.toml or sync.db: said, then wait
+                self._record(None, {"at": utc_now(), "ok": False, "error": exc.message}, None)
+                self._stop.wait(30.0)
+                continue
+            if not on:
+                next_full, push_due, first_change, mark = now, None, None, None  # sync at once when turned on
+                self._stop.wait(self.TICK)
+                continue
+            if mark is not None and current != mark:
+                first_change = first_change or now
+                push_due = min(now + cfg.push_delay, first_change + 6 * max(cfg.push_delay, self.TICK))
+            mark = current
+            direction = ("both" if now >= next_full else None if self.failures  # backing off: nothing before then
+                         else "push" if push_due is not None and now >= push_due else None)
+            if direction is not None:
+                result = self._round(cfg, direction)
+                if result is None:            # another sync holds the lock: try again shortly
+                    self._stop.wait(self.TICK)
+                    continue
+                # `mark` stays as read before the round: a write made during it moves the
+                # counter and is pushed next (so may the round's own conflict copies: that
+                # push finds nothing left to send and costs no request).
+                push_due = first_change = None
+                if result["ok"]:
+                    self.failures = 0
+                    wait = cfg.sync_interval
+                else:
+                    self.failures += 1
+                    wait = max(cfg.sync_interval, min(self.MAX_RETRY, self.FIRST_RETRY * 2 ** (self.failures - 1)))
+                if direction == "both" or not result["ok"]:
+                    next_full = time.monotonic() + wait
+                self._record(cfg, result, next_full)
+                self.on_round(result)
+            self._stop.wait(self.TICK)
+
+    def _change_mark(self, cfg: Config) -> Optional[int]:
+        if not (cfg.home / "sync.db").exists():
+            return None
+        with open_store(cfg.home) as store:
+            return store.change_mark()
+
+    def _round(self, cfg: Config, direction: str) -> Optional[dict]:
+        """One sync; its result, or None when another sync held the lock."""
+        started = utc_now()
+        try:
+            # One retry per request: while the server is down, the rounds themselves back off.
+            report = cloud_sync(cfg.home, direction=direction, lock_timeout=0.0, retries=1)
+        except SyncBusy:
+            return None
+        except ContextFSError as exc:
+            return {"at": started, "direction": direction, "ok": False, "error": exc.message}
+        except Exception as exc:  # a bug costs one round, never the agent's session
+            return {"at": started, "direction": direction, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        self.rounds += 1
+        return {"at": started, "direction": direction, "ok": True, "summary": report.summary(),
+                "partial": bool(report.refused or report.unreadable)}
+
+    def _record(self, cfg: Optional[Config], result: dict, next_full: Optional[float]) -> None:
+        """Keep the last result and the next run where `cloud status` reads them."""
+        state = dict(result, pid=os.getpid(), owner=self.owner, failures=self.failures)
+        if next_full is not None:
+            state["next_at"] = _utc_in(next_full - time.monotonic())
+        home = cfg.home if cfg is not None else contextfs_home() if self.home is None else Path(self.home)
+        if not (home / "sync.db").exists():
+            return
+        with _suppress(ContextFSError, sqlite3.Error), open_store(home) as store:
+            store.set_state("auto_sync", _dumps(state))
+
+
+def _utc_in(seconds: float) -> str:
+    """The UTC time ``seconds`` from now, as utc_now() writes it."""
+    return format_ts(datetime.now(timezone.utc) + timedelta(seconds=max(0.0, seconds)))
+
+
+def auto_sync_status(cfg: Config, store: "Store") -> dict:
+    """What auto-sync is doing here: on or off, and, while a process runs it, its last round
+    and next run."""
+    out: Dict[str, Any] = {"enabled": cfg.auto_sync, "interval_seconds": cfg.sync_interval,
+                           "push_delay_seconds": cfg.push_delay, "running": False}
+    raw = store.state("auto_sync")
+    try:
+        state = json.loads(raw) if raw else None
+    except ValueError:
+        state = None
+    if isinstance(state, dict):
+        out["running"] = _pid_alive(state.get("pid"))
+        out["last"] = {k: state[k] for k in ("at", "direction", "ok", "summary", "error", "partial") if k in state}
+        out["failures_in_a_row"] = state.get("failures", 0)
+        out["owner"] = state.get("owner")
+        if out["running"] and state.get("next_at"):
+            out["next_at"] = state["next_at"]
+    return out
+
+
+def auto_sync_line(auto: dict) -> str:
+    """auto_sync_status() in one line, for `cloud status` and contextfs_sync_status."""
+    every = f"every {_duration_text(auto['interval_seconds'])}, {_duration_text(auto['push_delay_seconds'])} after writes"
+    if auto.get("running"):
+        line = f"running in {auto.get('owner')} ({every})"
+    elif auto["enabled"]:
+        line = f"on ({every}) while contextfs mcp runs; not running now"
+    else:
+        line = "off (cloud.auto_sync = false, or sync disabled)"
+    last = auto.get("last")
+    if last:
+        line += (f"; last {last.get('at')}: {last.get('summary')}" if last.get("ok")
+                 else f"; last {last.get('at')} failed: {last.get('error')}")
+    if auto.get("next_at"):
+        line += f"; next {auto['next_at']}"
+    return line
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def cloud_rekey(home: Optional[Path], passphrase: str,
@@ -4293,6 +4524,7 @@ def cloud_status(home: Optional[Path] = None, remote: bool = True) -> dict:
             "pending_push": counts["pending_push"], "conflicts": counts["conflicts"], "local": counts,
             "refused": _last_sync_rows(store, cfg, "refused"),
             "unreadable": _last_sync_rows(store, cfg, "unreadable"),
+            "auto_sync": auto_sync_status(cfg, store),
             "server": None}
         if remote and cfg.enabled and cfg.api_key:
             try:
@@ -4611,6 +4843,7 @@ def _mcp_sync_status(args: dict) -> Tuple[str, dict]:
               f"Last push: {status.get('last_push_at', 'never')}",
               f"Last pull: {status.get('last_pull_at', 'never')}",
               f"Pending push: {status.get('pending_push', 0)}",
+              f"Auto-sync: {auto_sync_line(status['auto_sync'])}",
               f"Conflicts: {status.get('conflicts', 0)}"]
     remote = status.get("server")
     if isinstance(remote, dict) and remote.get("error"):
@@ -4980,12 +5213,19 @@ def _mcp_oversized_error() -> dict:
     return _rpc_error(None, RPC_INVALID_REQUEST, f"Invalid Request: message larger than {MCP_MAX_MESSAGE_BYTES} bytes")
 
 
+def _mcp_log_round(result: dict) -> None:
+    """A failed auto-sync round, on stderr (the MCP client's log); good rounds say nothing."""
+    if not result["ok"]:
+        _mcp_log(f"auto-sync: {result['error']}")
+
+
 def serve_mcp() -> int:
     """Run the MCP server on stdin/stdout until stdin ends or SIGTERM; returns the exit code."""
     import queue
     import signal
 
     server = McpServer(_claim_stdout())
+    auto = AutoSync(on_round=_mcp_log_round).start()
     stdin = getattr(sys.stdin, "buffer", None)
     if stdin is not None and stdin.isatty():
         _mcp_log("waiting for an MCP client on stdin; your MCP client starts this command "
@@ -5019,6 +5259,7 @@ def serve_mcp() -> int:
         server.wait(MCP_EXIT_GRACE_SECONDS)
     except _McpShutdown:
         server.wait(MCP_EXIT_GRACE_SECONDS)
+    auto.stop(MCP_EXIT_GRACE_SECONDS)
     # Running calls that did not finish in the grace time are daemon threads: they stop with the
     # process. That is safe: the store commits in transactions and a sync resumes where it stopped.
     return EXIT_OK
@@ -5365,6 +5606,18 @@ def cmd_cloud_configure(args: argparse.Namespace) -> int:
         cfg.set("cloud", "server_url", check_server_url(args.server_url, bool(cfg.get("cloud", "insecure"))))
     if args.enabled is not None:
         cfg.set("cloud", "enabled", args.enabled)
+    if args.auto_sync is not None:
+        cfg.set("cloud", "auto_sync", args.auto_sync)
+    for name, least in (("sync_interval", 1.0), ("push_delay", 0.0)):
+        value = getattr(args, name)
+        if value is not None:
+            try:
+                seconds = parse_duration(value)
+            except ValueError as exc:
+                raise UsageError(f"--{name.replace('_', '-')}: {exc}; nothing was changed") from None
+            if seconds < least:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1s; nothing was changed")
+            cfg.set("cloud", name, value.strip())
     if args.e2ee is True:
         _aesgcm()  # fail early, naming the extra, when cryptography is missing
         if not cfg.api_key:
@@ -5397,7 +5650,8 @@ def cmd_cloud_configure(args: argparse.Namespace) -> int:
             cfg.set("cloud", name, None)
     save_config(cfg)
     view = {"enabled": cfg.enabled, "server_url": cfg.server_url, "api_key": mask_key(cfg.api_key),
-            "e2ee": cfg.e2ee}
+            "e2ee": cfg.e2ee, "auto_sync": bool(cfg.get("cloud", "auto_sync", True)),
+            "sync_interval": _duration_text(cfg.sync_interval), "push_delay": _duration_text(cfg.push_delay)}
     if cfg.e2ee:
         view["e2ee_key_kept_in"] = "OS keyring" if cfg.get("cloud", "e2ee_key") == _IN_KEYRING else str(cfg.path)
     if args.json:
@@ -5509,7 +5763,9 @@ def cmd_cloud_reset_e2ee(args: argparse.Namespace) -> int:
 
 
 def cmd_cloud_sync(args: argparse.Namespace) -> int:
-    """contextfs cloud sync [--direction push|pull|both] [--all] [--force] [--dry-run]"""
+    """contextfs cloud sync [--direction push|pull|both] [--all] [--force] [--dry-run] [--watch]"""
+    if args.watch:
+        return _watch(args)
     progress = None if args.json else _progress_printer()
     report = cloud_sync(direction=args.direction, push_all=args.all, force=args.force,
                         dry_run=args.dry_run, progress=progress)
@@ -5531,6 +5787,44 @@ def cmd_cloud_sync(args: argparse.Namespace) -> int:
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return done
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """`cloud sync --watch`: AutoSync in the foreground, one line per round, until Ctrl-C."""
+    if args.dry_run or args.all or args.force or args.direction != "both":
+        raise UsageError("--watch syncs both ways with the defaults; leave out --direction, --all, --force and --dry-run")
+    cfg = load_config()
+    require_cloud(cfg)
+
+    def said(result: dict) -> None:
+        if args.json:
+            _print_json(result)
+        elif result["ok"]:
+            print(f"{result['at']}  {result['direction']}: {result['summary']}", flush=True)
+        else:
+            print(f"{result['at']}  {result['direction']} failed: {result['error']}", file=sys.stderr, flush=True)
+
+    auto = AutoSync(on_round=said, owner="contextfs cloud sync --watch", always=True)
+    if not args.json:
+        print(f"Watching: a sync now, every {_duration_text(cfg.sync_interval)}, and "
+              f"{_duration_text(cfg.push_delay)} after local writes. Ctrl-C ends it.", flush=True)
+    auto.start()
+    try:
+        while auto.alive():
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        if not args.json:
+            print("Stopping (a running sync finishes first)…", file=sys.stderr, flush=True)
+        auto.stop(LOCK_TIMEOUT_SECONDS)
+    return EXIT_OK
+
+
+def _duration_text(seconds: float) -> str:
+    """60 → '1m', 5 → '5s', 90 → '90s'."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def cmd_cloud_status(args: argparse.Namespace) -> int:
@@ -5555,6 +5849,7 @@ def cmd_cloud_status(args: argparse.Namespace) -> int:
     print(f"Local:        {local['memories']} memories ({local['drafts']} drafts, {local['temporary']} "
           f"temporary), {local['sessions']} sessions, {local['edges']} relationships")
     print(f"Pending push: {status['pending_push']}")
+    print(f"Auto-sync:    {auto_sync_line(status['auto_sync'])}")
     print(f"Conflicts:    {status['conflicts']}" + (" (see: contextfs cloud conflicts)" if status['conflicts'] else ""))
     for row_id, why in status["refused"].items():
         print(f"Refused:      {row_id} (the server said: {why}); left pending")
@@ -5659,6 +5954,14 @@ def _add_cloud_parsers(sub: Any, common: Any) -> None:
     sp.add_argument("--passphrase-stdin", action="store_true", help="read the E2EE passphrase from stdin")
     sp.add_argument("--weak", action="store_true", help=f"accept a passphrase shorter than {E2EE_MIN_PASSPHRASE} characters")
     sp.add_argument("--insecure", action="store_true", help="allow plain http:// to a non-loopback host")
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--auto-sync", dest="auto_sync", action="store_true", default=None,
+                       help="sync by itself while contextfs mcp runs (the default)")
+    group.add_argument("--no-auto-sync", dest="auto_sync", action="store_false")
+    sp.add_argument("--sync-interval", metavar="DURATION", help=f"auto-sync period, e.g. 30s, 5m, 1h "
+                    f"(default {AUTO_SYNC_INTERVAL})")
+    sp.add_argument("--push-delay", metavar="DURATION", help=f"how soon auto-sync pushes a local write "
+                    f"(default {AUTO_SYNC_PUSH_DELAY})")
     sp.set_defaults(func=cmd_cloud_configure)
     sp = csub.add_parser("rekey", parents=[common], help="re-encrypt everything under a new E2EE passphrase")
     sp.add_argument("--passphrase-stdin", action="store_true", help="read the new passphrase from stdin")
@@ -5677,6 +5980,8 @@ def _add_cloud_parsers(sub: Any, common: Any) -> None:
     sp.add_argument("--all", action="store_true", help="push every syncable memory, not just changes")
     sp.add_argument("--force", action="store_true", help="overwrite the server's versions")
     sp.add_argument("--dry-run", action="store_true", help="show what would happen; change nothing")
+    sp.add_argument("--watch", action="store_true",
+                    help="keep syncing: every cloud.sync_interval, and shortly after local writes (Ctrl-C ends it)")
     sp.set_defaults(func=cmd_cloud_sync)
     for name, func, text in (("status", cmd_cloud_status, "show sync status"),
                              ("conflicts", cmd_cloud_conflicts, "list conflict copies (<id>_local)"),

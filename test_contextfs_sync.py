@@ -2398,8 +2398,8 @@ def test_mcp_sync_moves_memories_to_a_second_device(tmp_path):
     url = server.url
     try:
         api_key = server.add_user("ada@example.com")
-        for device in (device_a, device_b):
-            run_cli(device, "cloud", "configure", "--enabled", "--server-url", url, check=0)
+        for device in (device_a, device_b):  # the tool itself, not auto-sync (tested on its own)
+            run_cli(device, "cloud", "configure", "--enabled", "--server-url", url, "--no-auto-sync", check=0)
             run_cli(device, "cloud", "login", "--api-key", api_key, "--server", url, check=0)
         run_cli(device_a, "save", "Use port 5433 for the analytics replica", "--tags", "db", check=0)
 
@@ -2428,6 +2428,132 @@ def test_mcp_sync_moves_memories_to_a_second_device(tmp_path):
         assert saved.structured_content["id"] in {m["id"] for m in cli_json(device_b, "list")}
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("server_kind", ["ref", "double"])
+def test_a_memory_saved_through_one_agents_mcp_reaches_anothers_without_any_sync_call(request, tmp_path, server_kind):
+    """Issue 14, auto-sync: while `contextfs mcp` runs it syncs by itself (a push shortly after
+    a write, a sync every interval); nobody calls contextfs_sync or `cloud sync`."""
+    import anyio
+    from mcp.client import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    server = request.getfixturevalue(_SERVER_FIXTURES[server_kind])
+    key = server.add_user("ada@example.com")
+    a, b = make_device(tmp_path, "a", server, key), make_device(tmp_path, "b", server, key)
+    for home in (a, b):
+        configured = cli_json(home, "cloud", "configure", "--sync-interval", "2s", "--push-delay", "1s")
+        assert configured["auto_sync"] is True and configured["sync_interval"] == "2s"
+    text = "The release train leaves on Thursdays"
+
+    async def main():
+        def client(home):
+            params = StdioServerParameters(command=CONTEXTFS, args=["mcp"], env=cli_env(home))
+            return Client(params, read_timeout_seconds=30)
+
+        with anyio.fail_after(60):
+            async with client(a) as agent_a, client(b) as agent_b:
+                saved = await agent_a.call_tool("contextfs_save", {"content": text, "type": "decision"})
+                started = time.monotonic()
+                while True:  # B's agent only searches; its auto-sync brings the memory
+                    found = await agent_b.call_tool("contextfs_search", {"query": "release train"})
+                    if found.structured_content["count"] or time.monotonic() - started > 20:
+                        break
+                    await anyio.sleep(0.25)
+                waited = time.monotonic() - started
+                status_b = await agent_b.call_tool("contextfs_sync_status", {})
+                status_a_cli = run_cli(a, "cloud", "status", check=0).stdout  # another process reads it
+                return saved, found, waited, status_b, status_a_cli
+
+    saved, found, waited, status_b, status_a_cli = anyio.run(main)
+    assert found.structured_content["count"] == 1, "the memory never arrived"
+    assert found.structured_content["results"][0]["id"] == saved.structured_content["id"]
+    # Push 1 s after the write, B's next round within its 2 s interval (plus a loaded machine's slack).
+    assert waited < 15, waited
+    auto = status_b.structured_content["auto_sync"]
+    assert auto["running"] and auto["owner"] == "contextfs mcp" and auto["last"]["ok"] and auto["next_at"]
+    assert "Auto-sync: running in contextfs mcp (every 2s, 1s after writes); last " in status_b.content[0].text
+    assert "Auto-sync:    running in contextfs mcp" in status_a_cli, status_a_cli
+    # The session is over: status says auto-sync is on but not running, with the last result.
+    after = cli_json(a, "cloud", "status")["auto_sync"]
+    assert after["enabled"] and not after["running"] and after["last"]["ok"] and "next_at" not in after
+    assert cli_json(a, "cloud", "status")["pending_push"] == 0
+
+
+def test_auto_sync_backs_off_while_the_server_is_down_and_catches_up_when_it_is_back(live_server, tmp_path):
+    """Issue 14: a server that answers 503 costs no tool call its answer; rounds back off (5 s,
+    then 10 s: not one per 1 s interval); status names the failure; the write goes up once
+    the server is back."""
+    import anyio
+    from mcp.client import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    key = live_server.add_user("ada@example.com")
+    proxy = FaultProxy(live_server.url, rate=1.0, faults=("503",))
+    try:
+        home = make_device(tmp_path, "a", live_server, key)
+        cli_json(home, "cloud", "configure", "--server-url", proxy.url, "--sync-interval", "1s", "--push-delay", "0.5s")
+
+        async def main():
+            params = StdioServerParameters(command=CONTEXTFS, args=["mcp"], env=cli_env(home))
+            async with Client(params, read_timeout_seconds=30) as agent:
+                with anyio.fail_after(5):  # answered at once while auto-sync fails in the background
+                    saved = await agent.call_tool("contextfs_save", {"content": "written while the server is down"})
+                    listed = await agent.call_tool("contextfs_list", {})
+                await anyio.sleep(8)
+                down = await agent.call_tool("contextfs_sync_status", {})
+                requests_while_down = proxy.count
+                proxy.rate = 0.0  # the server is back
+                with anyio.fail_after(30):
+                    while live_server_memories(live_server, key).get(saved.structured_content["id"]) is None:
+                        await anyio.sleep(0.25)
+                return saved, listed, down, requests_while_down
+
+        saved, listed, down, requests_while_down = anyio.run(main)
+    finally:
+        proxy.stop()
+    assert not saved.is_error and listed.structured_content["count"] == 1
+    auto = down.structured_content["auto_sync"]
+    assert auto["running"] and auto["last"]["ok"] is False and "503" in auto["last"]["error"], auto
+    assert 1 <= auto["failures_in_a_row"] <= 3, auto   # 8 s at a 1 s interval: 8 rounds without back-off
+    assert requests_while_down <= 3 * 2, requests_while_down  # one retry per request
+    assert "failed: " in down.content[0].text
+
+
+def live_server_memories(server, key):
+    """The server's memories of this account by id (tombstones included)."""
+    return {i: obj for (kind, i), obj in server_rows(server, key).items() if kind == "memories"}
+
+
+def test_cloud_sync_watch_keeps_syncing_until_ctrl_c(live_server, tmp_path):
+    """Issue 14: `contextfs cloud sync --watch` in a terminal: a sync at start, a push shortly
+    after a write made by another process, one line per round; Ctrl-C ends it cleanly (exit 0)."""
+    import signal
+
+    key = live_server.add_user("ada@example.com")
+    home = make_device(tmp_path, "a", live_server, key)
+    cli_json(home, "cloud", "configure", "--no-auto-sync", "--sync-interval", "1h", "--push-delay", "0.5s")
+    watch = subprocess.Popen([CONTEXTFS, "cloud", "sync", "--watch"], env=cli_env(home), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while cli_json(home, "cloud", "status")["auto_sync"].get("last") is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        memory = cli_json(home, "save", "saved in another terminal")
+        while memory["id"] not in live_server_memories(live_server, key) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status = run_cli(home, "cloud", "status", check=0).stdout
+        assert "Auto-sync:    running in contextfs cloud sync --watch" in status, status
+    finally:
+        watch.send_signal(signal.SIGINT)
+        out, err = watch.communicate(timeout=30)
+    assert memory["id"] in live_server_memories(live_server, key), (out, err)
+    assert watch.returncode == 0 and "Traceback" not in err, (watch.returncode, err)
+    lines = out.splitlines()
+    assert lines[0] == "Watching: a sync now, every 1h, and 0.5s after local writes. Ctrl-C ends it.", lines
+    assert any(line.endswith("both: pushed 0, pulled 0") for line in lines), lines
+    assert any(" push: pushed 1, pulled 0" in line for line in lines), lines
+    assert "Stopping (a running sync finishes first)" in err
 
 
 def test_mcp_ping_is_answered_during_a_sync_that_hangs(home):
