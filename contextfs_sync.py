@@ -1134,21 +1134,30 @@ def _new_device_id() -> str:
     return f"{host}-{secrets.token_hex(6)}"[:32]
 
 
+DEVICE_ID_FILE = "sync_device_id"
+
+
 def device_id(home: Path) -> str:
-    """This installation's id (hostname + random), kept in ``$CONTEXTFS_HOME/device_id``.
+    """This installation's id (hostname + random), kept in ``$CONTEXTFS_HOME/sync_device_id``.
 
     One id per installation: beside it, ``device_fingerprint`` records where it was made
     (installation_fingerprint). A home copied to another machine or path, a cloned VM image or
     a restored CI cache no longer matches, so it gets a new id, and ``device_id.previous``
     keeps the old one for the user to see (cloud status; the next sync says it once). Two
     installations sharing an id would take each other's rows for their own.
+
+    Not ``device_id``: the public ContextFS client keeps its own id there, in the same default
+    home (~/.contextfs), and two clients ticking one vector-clock entry would take each other's
+    concurrent edits for newer ones. An id earlier versions of ours kept in ``device_id`` moves
+    here, unless the public client lives in this home too (its ``context.db`` or
+    ``config.yaml``): then the file is left to it, and this installation takes an id of its own.
     """
-    path, fp_path = home / "device_id", home / "device_fingerprint"
+    path, fp_path = home / DEVICE_ID_FILE, home / "device_fingerprint"
     fingerprint = installation_fingerprint(home)
     try:
         existing = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        existing = ""
+        existing = _adopt_legacy_device_id(home, path)
     if existing:
         try:
             recorded = fp_path.read_text(encoding="utf-8").strip()
@@ -1174,6 +1183,33 @@ def device_id(home: Path) -> str:
         return path.read_text(encoding="utf-8").strip() or new_id
     atomic_write(fp_path, fingerprint.encode("ascii"), 0o600)
     return new_id
+
+
+def public_client_lives_in(home: Path) -> bool:
+    """Whether the public ContextFS client keeps its files in this home (~/.contextfs)."""
+    return (home / "context.db").exists() or (home / "config.yaml").exists()
+
+
+def _adopt_legacy_device_id(home: Path, path: Path) -> str:
+    """An id an earlier version of ours kept in ``device_id`` (a fingerprint or our sync.db
+    beside it), moved to ``path``; "" when there is none, or the file is the public client's."""
+    legacy = home / "device_id"
+    try:
+        old = legacy.read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    ours = (home / "device_fingerprint").exists() or (home / "sync.db").exists()
+    if not old or not ours or public_client_lives_in(home):
+        return ""
+    try:  # O_EXCL: a racing process that moved it first wins
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(old)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip()
+    with _suppress(OSError):
+        legacy.unlink()  # so a public client installed here later makes its own
+    return old
 
 
 def previous_device_id(home: Path) -> Optional[str]:
@@ -5808,6 +5844,13 @@ def _watch(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"Watching: a sync now, every {_duration_text(cfg.sync_interval)}, and "
               f"{_duration_text(cfg.push_delay)} after local writes. Ctrl-C ends it.", flush=True)
+    import signal
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # `kill` ends it as cleanly as Ctrl-C
+
+    with _suppress(ValueError):  # not the main thread: the host process owns signals
+        signal.signal(signal.SIGTERM, on_sigterm)
     auto.start()
     try:
         while auto.alive():

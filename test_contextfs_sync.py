@@ -2156,6 +2156,39 @@ asyncio.run(main())
 """
 
 
+def test_our_device_id_never_shares_the_public_clients_file_in_one_home(tmp_path):
+    """Issue 14: both tools default to ~/.contextfs. The public client keeps its device id in
+    `device_id` (raw, no newline: protocol.md §11); two clients ticking one clock entry would
+    take each other's concurrent edits for newer ones, so ours lives in `sync_device_id`."""
+    # The public client's files, as it writes them.
+    home = tmp_path / "shared-home"
+    home.mkdir()
+    theirs = "devbox-0242ac110002"
+    (home / "device_id").write_text(theirs)
+    (home / "config.yaml").write_text("cloud:\n  enabled: true\n  server_url: https://api.contextfs.ai\n")
+    sqlite3.connect(home / "context.db").close()
+    before = {name: (home / name).read_bytes() for name in ("device_id", "config.yaml", "context.db")}
+    cli_json(home, "save", "ours")
+    mine = cli_json(home, "cloud", "status")["device_id"]
+    assert mine != theirs and (home / "sync_device_id").read_text() == mine
+    assert {name: (home / name).read_bytes() for name in before} == before   # theirs, untouched
+
+    # A home of an earlier version of ours (its id in `device_id`): the id is kept and moves.
+    old = tmp_path / "old-home"
+    cli_json(old, "save", "from an earlier version")
+    kept = cli_json(old, "cloud", "status")["device_id"]
+    (old / "sync_device_id").rename(old / "device_id")
+    assert cli_json(old, "cloud", "status")["device_id"] == kept
+    assert (old / "sync_device_id").read_text() == kept and not (old / "device_id").exists()
+    assert cli_json(old, "cloud", "status")["previous_device_id"] is None
+
+    # ...unless the public client lives there too: then they shared it, and ours takes a new one.
+    (old / "sync_device_id").rename(old / "device_id")
+    (old / "config.yaml").write_text("cloud: {}\n")
+    now = cli_json(old, "cloud", "status")["device_id"]
+    assert now != kept and (old / "device_id").read_text() == kept
+
+
 def test_public_client_and_ours_share_one_account_on_our_server(tmp_path, ref_server):
     """A mixed fleet (issue 11, items 6-7): the public ContextFS client (contextfs 0.2.35, its
     own `cloud sync` algorithm: register, diff, push of what the server lacks) and ours on one
@@ -2518,6 +2551,14 @@ def test_auto_sync_backs_off_while_the_server_is_down_and_catches_up_when_it_is_
     assert 1 <= auto["failures_in_a_row"] <= 3, auto   # 8 s at a 1 s interval: 8 rounds without back-off
     assert requests_while_down <= 3 * 2, requests_while_down  # one retry per request
     assert "failed: " in down.content[0].text
+
+
+def test_auto_sync_settings_are_checked_before_they_are_saved(home):
+    assert cli_json(home, "cloud", "configure", "--sync-interval", "90s")["sync_interval"] == "90s"
+    for bad in ("soon", "0s", "5 minutes"):
+        proc = run_cli(home, "cloud", "configure", "--sync-interval", bad)
+        _one_clear_line(proc, "--sync-interval", "nothing was changed", code=2)
+    assert cli_json(home, "cloud", "status")["auto_sync"]["interval_seconds"] == 90
 
 
 def live_server_memories(server, key):
@@ -4238,7 +4279,8 @@ def test_malformed_config_during_cloud_sync_and_mcp_is_one_line(rel_server, tmp_
     kept = cli_json(home, "save", "survives a broken config")
     good = (home / "config.toml").read_text()
     for bad, needle in (("[cloud]\nenabled = tru\n", "invalid TOML"), ("[cloud]\nenabled = 1\n", "cloud.enabled"),
-                        ("cloud = 3\n", "must be a table"), (b"\xff\xfe[cloud]", "UTF-8")):
+                        ("cloud = 3\n", "must be a table"), (b"\xff\xfe[cloud]", "UTF-8"),
+                        ('[cloud]\nsync_interval = "soon"\n', 'cloud.sync_interval must be a duration like "30s"')):
         if isinstance(bad, bytes):
             (home / "config.toml").write_bytes(bad)
         else:
