@@ -624,6 +624,25 @@ def same_version(kind: str, local: Any, cloud: Any) -> bool:
     return local.weight == cloud.weight and local.metadata == cloud.metadata
 
 
+def plan_import(kind: str, theirs: Any, ours: Optional[Any], changed: bool) -> str:
+    """What an import does with one row of another client's store (pure). ``changed``: that
+    client changed the row after it last published it (or never did). Answers ``"add"`` (not
+    here yet), ``"update"`` (theirs is newer), ``"copy"`` (both sides changed it: ours stays,
+    theirs is kept beside it as a conflict copy), ``"skip"`` (already here as it is, or
+    older: what makes a second import change nothing) or ``"unpublished_delete"`` (deleted
+    there before it was ever synced: there is nothing to bring)."""
+    if ours is None:
+        return "add" if theirs.deleted_at is None or theirs.vector_clock else "unpublished_delete"
+    if same_version(kind, ours, theirs):
+        return "skip"
+    order = clock_compare(theirs.vector_clock, ours.vector_clock)
+    if order == "after" or (order == "equal" and changed):
+        return "update"
+    if order == "concurrent" or (order == "before" and changed):
+        return "copy" if kind != "edge" and theirs.deleted_at is None else "skip"
+    return "skip"
+
+
 @dataclass
 class Op:
     """One step of a sync plan: a row to send, or what to write locally for one pulled row.
@@ -671,7 +690,8 @@ def plan_push(kind: str, rows: Iterable[Any], local_only_ids: Container[str] = f
 
 def plan_page(page: Dict[str, List[Any]], local_rows: Dict[str, Dict[str, Any]], taken_ids: Container[str],
               device: str = "", drops_metadata: bool = False,
-              known_memory_ids: Optional[Container[str]] = None, copies_by_id: bool = False) -> List[Op]:
+              known_memory_ids: Optional[Container[str]] = None, copies_by_id: bool = False,
+              imported_from: Container[str] = frozenset()) -> List[Op]:
     """The local writes for one pulled page (sessions, memories, then edges), over plain data.
 
     ``local_rows`` holds the local version of every id in the page (by kind); ``taken_ids``
@@ -700,8 +720,10 @@ def plan_page(page: Dict[str, List[Any]], local_rows: Dict[str, Dict[str, Any]],
                 continue
             local = locals_of_kind.get(cloud.id)
             if local is not None and kind != "edge" and not cloud.metadata and local.metadata and (
-                    drops_metadata or getattr(cloud, "last_modified_by", None) == device):
-                # A server that drops metadata echoes {} for what we wrote: keep ours.
+                    drops_metadata or getattr(cloud, "last_modified_by", None) in (device, *imported_from)):
+                # A server that drops metadata echoes {} for what we wrote: keep ours. So it does
+                # for what the client whose store `contextfs import contextfs` brought in wrote
+                # (``imported_from``, its device ids), which we hold with its metadata.
                 cloud.metadata = dict(local.metadata)
                 cloud.conflict_of = cloud.conflict_of or local.conflict_of
             if copies_by_id and kind != "edge" and cloud.conflict_of is None and cloud.deleted_at is None:
@@ -1536,6 +1558,20 @@ class Store:
         obj.updated_at = utc_now()
         self._write(kind, obj, dirty=True)
 
+    def import_rows(self, kind: str, rows: List[Tuple[Any, str]]) -> None:
+        """Write rows another client's store held, in one transaction, keeping their ids,
+        timestamps and clocks. How each goes: ``"published"``, clean (the server holds it as
+        it is); ``"unpushed"``, up at the next sync as it was (a version that client published
+        elsewhere); ``"changed"``, up at the next sync as a new version of this device (its
+        tick on the clock: that client never published it)."""
+        with self.transaction():
+            for obj, how in rows:
+                if how == "changed":
+                    obj.vector_clock = clock_tick(obj.vector_clock, self.device_id)
+                self._write(kind, obj, dirty=how != "published")
+        if kind == "memory":
+            self._notify("upsert", [obj.id for obj, _changed in rows if obj.deleted_at is None])
+
     def republish(self, memories: Iterable[Memory]) -> int:
         """Write these memories again as new local versions (clock ticked, pushed next): live
         ones this device holds, or tombstones over server rows; returns how many."""
@@ -2194,6 +2230,143 @@ def _free_bytes(directory: Path) -> int:
         return st.f_bavail * st.f_frsize
     except (OSError, AttributeError):  # no statvfs (Windows): assume there is room
         return 1 << 62
+
+
+class PublicStore:
+    """The public ContextFS client's store (``context.db`` of contextfs 0.2.35), opened
+    read-only: its memories, sessions and relationships as our rows. Its schema (alembic
+    migrations of that version): ``memories``, ``sessions``, ``memory_edges`` with a
+    ``vector_clock`` column each, and ``sync_state`` (one row per device: ``last_sync_at``)."""
+
+    NEEDED = {"memories": {"id", "content", "type", "tags", "summary", "namespace_id", "created_at", "updated_at",
+                           "metadata", "vector_clock", "deleted_at"},
+              "sessions": {"id", "label", "tool", "started_at", "ended_at", "summary", "metadata"},
+              "memory_edges": {"from_id", "to_id", "relation", "weight", "created_at"}}
+
+    def __init__(self, path: Path):
+        self.path = path
+        problem = "it does not exist" if not path.is_file() else None
+        if problem is None:
+            try:
+                self.conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+                self.conn.row_factory = sqlite3.Row
+                tables = {name: {r[1] for r in self.conn.execute(f"PRAGMA table_info({name})")}
+                          for (name,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            except sqlite3.Error as exc:
+                problem = f"not an SQLite database ({exc})"
+            else:
+                missing = [f"{table}.{column}" for table, columns in self.NEEDED.items()
+                           for column in sorted(columns - tables.get(table, set()))]
+                if missing:
+                    problem = f"not a ContextFS store (no {', '.join(missing[:3])})"
+                self.has_sessions_clock = "vector_clock" in tables.get("sessions", set())
+                self.has_edges_clock = "vector_clock" in tables.get("memory_edges", set())
+                self.has_sync_state = "sync_state" in tables
+        if problem is not None:
+            raise UsageError(f"{path}: {problem}; nothing was imported")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+    def last_sync(self) -> Tuple[Optional[datetime], Optional[str]]:
+        """When it last synced, and with which server (None, None if never)."""
+        if not self.has_sync_state:
+            return None, None
+        row = self.conn.execute("SELECT last_sync_at, server_url FROM sync_state "
+                                "WHERE last_sync_at IS NOT NULL ORDER BY last_sync_at DESC LIMIT 1").fetchone()
+        if row is None:
+            return None, None
+        return _public_ts(row[0]), row[1]
+
+    def devices(self) -> List[str]:
+        """The device ids it synced as."""
+        if not self.has_sync_state:
+            return []
+        return [r[0] for r in self.conn.execute("SELECT device_id FROM sync_state") if r[0]]
+
+    def counts(self) -> Dict[str, int]:
+        """Rows per table (for progress)."""
+        return {table: self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in self.NEEDED}
+
+    def memories(self) -> Iterator[Tuple[Memory, Optional[str], Optional[str]]]:
+        """(memory, the content hash it had when that client last pushed it, updated_at as
+        written) for every memory, in rowid order."""
+        for row in self.conn.execute("SELECT * FROM memories ORDER BY rowid"):
+            metadata = _public_json(row["metadata"], dict)
+            clock = _public_json(row["vector_clock"], dict) or metadata.get("_vector_clock") or {}
+            pushed_hash = metadata.pop("_content_hash", None)
+            metadata.pop("_vector_clock", None)
+            keys = row.keys()
+            wire = {"id": row["id"], "content": row["content"], "type": row["type"],
+                    "tags": [t for t in _public_json(row["tags"], list) if isinstance(t, str)],
+                    "summary": row["summary"], "namespace_id": row["namespace_id"],
+                    "source_repo": row["source_repo"] if "source_repo" in keys else None,
+                    "source_file": row["source_file"] if "source_file" in keys else None,
+                    "session_id": row["session_id"] if "session_id" in keys else None,
+                    "metadata": metadata, "created_at": _public_ts_text(row["created_at"]),
+                    "updated_at": _public_ts_text(row["updated_at"]),
+                    "deleted_at": _public_ts_text(row["deleted_at"]), "vector_clock": clock,
+                    **{k: row[k] for k in _MEMORY_WIRE_EXTRAS if k in keys and row[k] is not None}}
+            yield Memory.from_wire(wire), pushed_hash if isinstance(pushed_hash, str) else None, row["updated_at"]
+
+    def sessions(self) -> Iterator[Session]:
+        """Every session as ours (its repo_path is our repo)."""
+        for row in self.conn.execute("SELECT * FROM sessions ORDER BY rowid"):
+            keys = row.keys()
+            wire = {"id": row["id"], "label": row["label"], "tool": row["tool"],
+                    "repo_path": row["repo_path"] if "repo_path" in keys else None,
+                    "started_at": _public_ts_text(row["started_at"]), "ended_at": _public_ts_text(row["ended_at"]),
+                    "summary": row["summary"], "metadata": _public_json(row["metadata"], dict),
+                    "updated_at": _public_ts_text(row["ended_at"] or row["started_at"]),
+                    "deleted_at": _public_ts_text(row["deleted_at"]) if "deleted_at" in keys else None,
+                    "vector_clock": _public_json(row["vector_clock"], dict) if self.has_sessions_clock else {},
+                    **{k: row[k] for k in _SESSION_WIRE_EXTRAS if k in keys and row[k] is not None}}
+            yield Session.from_wire(wire)
+
+    def edges(self) -> Iterator[Edge]:
+        """Every relationship as ours."""
+        for row in self.conn.execute("SELECT * FROM memory_edges ORDER BY rowid"):
+            keys = row.keys()
+            yield Edge.from_wire({
+                "from_id": row["from_id"], "to_id": row["to_id"], "relation": row["relation"],
+                "weight": row["weight"] if row["weight"] is not None else 1.0,
+                "metadata": _public_json(row["metadata"], dict) if "metadata" in keys else {},
+                "created_at": _public_ts_text(row["created_at"]), "updated_at": _public_ts_text(row["created_at"]),
+                "deleted_at": _public_ts_text(row["deleted_at"]) if "deleted_at" in keys else None,
+                "vector_clock": _public_json(row["vector_clock"], dict) if self.has_edges_clock else {}})
+
+
+def _public_json(text: Any, kind: type) -> Any:
+    """A JSON column of the public client's store, or an empty ``kind`` when it is not one."""
+    try:
+        value = json.loads(text) if isinstance(text, str) and text else None
+    except ValueError:
+        value = None
+    return value if isinstance(value, kind) else kind()
+
+
+def _public_ts(text: Any) -> Optional[datetime]:
+    """A timestamp of the public client's store: naive ones are the machine's local time (it
+    writes datetime.now() without a zone), aware ones as they say."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace(" ", "T"))
+    except ValueError:
+        return None
+    return (dt.astimezone() if dt.tzinfo is None else dt).astimezone(timezone.utc)
+
+
+def _public_ts_text(text: Any) -> Optional[str]:
+    """The same timestamp in our form, as the server holds it (the public client sends naive
+    ones as written, and servers read them as UTC: protocol.md §1), so the versions match."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        return normalize_ts(text.strip().replace(" ", "T"))
+    except ValueError:
+        return None
 
 
 def open_store(home: Optional[Path] = None) -> Store:
@@ -3521,6 +3694,7 @@ class SyncEngine:
         self._hash_key: Optional[bytes] = None  # the account's content-hash key (_content_hash_key)
         self._hash_key_known = False
         self._gated = False  # _e2ee_gate passed
+        self._imported_from = frozenset(json.loads(store.state("import_writers") or "[]"))
 
     def run(self, direction: str = "both", push_all: bool = False, force: bool = False,
             dry_run: bool = False) -> SyncReport:
@@ -3922,10 +4096,13 @@ class SyncEngine:
             held, self._held_edges = self._held_edges, []
             self._apply({"memory": [], "session": [], "edge": held}, report, dry_run, None, None, hold=False)
         repush = False
-        if (timestamp_server or restored or self._unreadable_before) and not dry_run:
+        after_import = self.store.state("reconcile_next_sync") == "1"
+        if (timestamp_server or restored or self._unreadable_before or after_import) and not dry_run:
             # A timestamp cursor misses rows pushed late with an old updated_at (protocol.md §8 b):
             # reconcile by content with the diff endpoint, as the public client's own sync does.
             repush = self._reconcile(report)
+            if after_import:
+                self.store.set_state("reconcile_next_sync", None)
         if self._under_old_key and not dry_run:  # a rekey's stragglers: up again under the new key
             repush = self.store.mark_dirty("memory", self._under_old_key) > 0 or repush
             self._under_old_key = []
@@ -3974,6 +4151,7 @@ class SyncEngine:
         known = store.existing_ids("memory", [e.from_id for e in edges] + [e.to_id for e in edges]) if edges else set()
         ops = plan_page(page, local_rows, taken, device=store.device_id,
                         drops_metadata=self._drops_metadata(), known_memory_ids=known,
+                        imported_from=self._imported_from,
                         copies_by_id=self._cursorless)
         for op in ops:
             if op.server_behind:
@@ -4546,6 +4724,114 @@ def cloud_reset_e2ee(home: Optional[Path], passphrase: str, keep_unreadable: boo
         report = engine.run("both")
     return {"reuploaded": len(mine), "deleted_on_server": 0 if keep_unreadable else len(lost),
             "kept_unreadable": len(lost) if keep_unreadable else 0, "report": report.to_dict()}
+
+
+IMPORT_BATCH = 500  # rows per transaction
+
+
+def public_store_path(source: Optional[Path] = None) -> Path:
+    """Where the public ContextFS client keeps its store: ``source`` (its data directory or
+    the file itself), else ``$CONTEXTFS_DATA_DIR`` or ``~/.contextfs``, then ``context.db``."""
+    if source is None:
+        env = os.environ.get("CONTEXTFS_DATA_DIR")
+        source = Path(env).expanduser() if env else Path.home() / ".contextfs"
+    source = Path(source).expanduser()
+    return source / "context.db" if source.is_dir() else source
+
+
+def import_contextfs(source: Optional[Path] = None, home: Optional[Path] = None, dry_run: bool = False,
+                     progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Bring the public ContextFS client's memories, sessions and relationships into this
+    store, keeping ids, types, tags, timestamps, metadata and vector clocks (its file is only
+    read). Each imported row goes up at the next sync: as it was when that client published
+    it (so a server that has it takes it as the same version: no duplicate, no conflict), or,
+    changed since or never published, as a new version of this device. Running it again
+    changes nothing; a row both clients changed keeps ours and theirs as a conflict copy."""
+    path = public_store_path(source)
+    reader = PublicStore(path)
+    cfg = load_config(home)
+    result: Dict[str, Any] = {"source": str(path), "dry_run": dry_run}
+    try:
+        last_sync, server = reader.last_sync()
+        # What it published is on the server it synced with; a row goes up to another one.
+        published = "published" if server and server.rstrip("/") == cfg.server_url else "unpushed"
+        total = sum(reader.counts().values())
+        done = 0
+        with open_store(cfg.home) as store:
+            writers = set(reader.devices())
+            if not dry_run:
+                # Its writes echo back from a server that drops metadata with {}: ours stays
+                # (plan_page); and the next sync compares everything with the server once.
+                known = set(json.loads(store.state("import_writers") or "[]"))
+                store.set_state("import_writers", _dumps(sorted(known | writers)))
+                store.set_state("reconcile_next_sync", "1")
+            copies_held = {(c.conflict_of, getattr(c, "content_hash", None) or c.summary) for c in store.conflicts()}
+            for kind, plural, rows in (("session", "sessions", reader.sessions()),
+                                       ("memory", "memories", reader.memories()),
+                                       ("edge", "edges", reader.edges())):
+                counts = {"add": 0, "update": 0, "copy": 0, "skip": 0, "unpublished_delete": 0}
+                batch: List[Tuple[Any, str]] = []
+                for item in rows:
+                    obj, changed = _import_row(kind, item, last_sync)
+                    ours = store.get_row(kind, obj.id)
+                    action = plan_import(kind, obj, ours, changed)
+                    if action == "copy":
+                        mark = (obj.id, getattr(obj, "content_hash", None) or obj.summary)
+                        if mark in copies_held:
+                            action = "skip"  # kept beside ours by an earlier import
+                        else:
+                            copies_held.add(mark)
+                            obj = _conflict_copy(obj, conflict_copy_id(obj.id, lambda i: store.get_row(kind, i) is not None),
+                                                 obj.id, "")
+                            changed = True
+                    counts[action] += 1
+                    if action in ("add", "update", "copy"):
+                        if changed and action != "copy":
+                            obj.vector_clock = _as_it_would_push(obj.vector_clock, writers)
+                        batch.append((obj, "changed" if changed else published))
+                    if len(batch) >= IMPORT_BATCH:
+                        if not dry_run:
+                            store.import_rows(kind, batch)
+                        batch = []
+                    done += 1
+                    if progress and done % 100 == 0:
+                        progress(f"importing: {done}/{total}")
+                if batch and not dry_run:
+                    store.import_rows(kind, batch)
+                result[plural] = {"added": counts["add"], "updated": counts["update"],
+                                  "conflict_copies": counts["copy"], "unchanged": counts["skip"],
+                                  "deleted_before_any_sync": counts["unpublished_delete"]}
+    finally:
+        reader.close()
+    return result
+
+
+def _import_row(kind: str, item: Any, last_sync: Optional[datetime]) -> Tuple[Any, bool]:
+    """(our row, whether the public client changed it after it last published it)."""
+    if kind == "memory":
+        memory, pushed_hash, written = item
+        changed = (not memory.vector_clock or memory.deleted_at is not None
+                   or pushed_hash != content_hash(memory.content) or _after(written, last_sync))
+        return memory, changed
+    if kind == "session":
+        # Its store keeps no time a session was last changed: every session goes up as a new
+        # version of this device (a few rows; never a conflict, and a second import skips it).
+        return item, True
+    return item, not item.vector_clock or item.deleted_at is not None
+
+
+def _as_it_would_push(clock: Clock, writers: Iterable[str]) -> Clock:
+    """A changed row's clock as the public client would send it: its push bumps its own entry
+    by 1 from the stored clock (protocol.md §6), and ContextFS Cloud stores a row it inserts
+    one further; so our new version, ticked on top, dominates whatever the server holds."""
+    return {device: count + 1 if device in writers else count for device, count in clock.items()}
+
+
+def _after(written: Optional[str], last_sync: Optional[datetime]) -> bool:
+    """Whether the public client wrote a row after its last sync (or never synced): unknown
+    counts as after, so the row goes up as a new version rather than be taken as published."""
+    when = _public_ts(written)
+    return last_sync is None or when is None or when > last_sync
 
 
 def cloud_status(home: Optional[Path] = None, remote: bool = True) -> dict:
@@ -6084,6 +6370,41 @@ def cmd_index_rebuild(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_import_parsers(sub: Any, common: Any) -> None:
+    """contextfs import contextfs [PATH] (issue 14)."""
+    p = sub.add_parser("import", help="bring in memories from another tool's store")
+    isub = p.add_subparsers(dest="import_source", metavar="contextfs", required=True)
+    sp = isub.add_parser("contextfs", parents=[common],
+                         help="from the public ContextFS client (its ~/.contextfs/context.db)")
+    sp.add_argument("path", nargs="?", metavar="PATH",
+                    help="its data directory or context.db (default: $CONTEXTFS_DATA_DIR or ~/.contextfs)")
+    sp.add_argument("--dry-run", action="store_true", help="count what would be imported; change nothing")
+    sp.set_defaults(func=cmd_import_contextfs)
+
+
+def cmd_import_contextfs(args: argparse.Namespace) -> int:
+    """contextfs import contextfs [PATH] [--dry-run]"""
+    progress = None if args.json else _progress_printer()
+    result = import_contextfs(Path(args.path) if args.path else None, dry_run=args.dry_run, progress=progress)
+    if progress:
+        sys.stderr.write("\r")
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    verb = "Would import" if args.dry_run else "Imported"
+    print(f"{verb} from {result['source']}:")
+    for plural in ("memories", "sessions", "edges"):
+        c = result[plural]
+        name = "relationships" if plural == "edges" else plural
+        print(f"  {name}: {c['added']} new, {c['updated']} updated, {c['conflict_copies']} kept as conflict copies, "
+              f"{c['unchanged']} already here" + (f", {c['deleted_before_any_sync']} deleted there before any sync "
+                                                  f"(left out)" if c["deleted_before_any_sync"] else ""))
+    if not args.dry_run and any(result[p]["added"] or result[p]["updated"] or result[p]["conflict_copies"]
+                                for p in ("memories", "sessions", "edges")):
+        print("They go up at the next sync: contextfs cloud sync")
+    return EXIT_OK
+
+
 def _add_index_parsers(sub: Any, common: Any) -> None:
     """contextfs index … (issue 6)."""
     p = sub.add_parser("index", help="the local semantic index (derived data, never synced)")
@@ -6278,6 +6599,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory_parsers(sub, common)
     _add_cloud_parsers(sub, common)
     _add_index_parsers(sub, common)
+    _add_import_parsers(sub, common)
     _add_server_parsers(sub, common)
     _add_mcp_parser(sub, common)
     p = sub.add_parser("demo", help="sync two devices through a local reference server, end to end")

@@ -2189,6 +2189,203 @@ def test_our_device_id_never_shares_the_public_clients_file_in_one_home(tmp_path
     assert now != kept and (old / "device_id").read_text() == kept
 
 
+IMPORT_FIXTURE = Path(__file__).parent / "testdata" / "contextfs-0.2.35-context.sql"
+
+
+def _public_data_dir(root, server_url):
+    """A data directory of the public client holding the store in IMPORT_FIXTURE, which last
+    synced with ``server_url``."""
+    data = root / "public" / ".contextfs"
+    data.mkdir(parents=True)
+    with sqlite3.connect(data / "context.db") as conn:
+        conn.executescript(IMPORT_FIXTURE.read_text(encoding="utf-8"))
+        conn.execute("UPDATE sync_state SET server_url = ?", (server_url,))
+    conn.close()
+    return data
+
+
+def _what_the_public_client_pushed(data):
+    """(device, memories, sessions, edges) that store had pushed when it last synced, as it
+    sends them (protocol.md §4.2, §11): rows with a clock whose text still has the hash it
+    pushed (a row deleted since went up live); metadata without its own _ keys."""
+    with sqlite3.connect(data / "context.db") as conn:
+        conn.row_factory = sqlite3.Row
+        device = conn.execute("SELECT device_id FROM sync_state").fetchone()[0]
+        memories = []
+        for row in conn.execute("SELECT * FROM memories WHERE vector_clock IS NOT NULL"):
+            metadata = json.loads(row["metadata"] or "{}")
+            if metadata.pop("_content_hash", None) != cfs.content_hash(row["content"]):
+                continue  # changed after its last push: the server has an older text
+            metadata.pop("_vector_clock", None)
+            memories.append({"id": row["id"], "content": row["content"], "type": row["type"],
+                             "tags": json.loads(row["tags"] or "[]"), "summary": row["summary"],
+                             "namespace_id": row["namespace_id"], "source_repo": row["source_repo"],
+                             "source_file": row["source_file"], "session_id": row["session_id"],
+                             "metadata": metadata, "created_at": row["created_at"], "updated_at": row["updated_at"],
+                             "deleted_at": None, "vector_clock": json.loads(row["vector_clock"]),
+                             "content_hash": row["content_hash"]})
+        sessions = [{"id": r["id"], "label": r["label"], "tool": r["tool"], "repo_path": r["repo_path"],
+                     "started_at": r["started_at"], "ended_at": r["ended_at"], "summary": r["summary"],
+                     "metadata": json.loads(r["metadata"] or "{}"), "vector_clock": json.loads(r["vector_clock"])}
+                    for r in conn.execute("SELECT * FROM sessions WHERE vector_clock IS NOT NULL")]
+        edges = [{"id": f"{r['from_id']}:{r['to_id']}:{r['relation']}", "from_id": r["from_id"], "to_id": r["to_id"],
+                  "relation": r["relation"], "weight": r["weight"],
+                  "created_at": r["created_at"], "vector_clock": json.loads(r["vector_clock"])}
+                 for r in conn.execute("SELECT * FROM memory_edges WHERE vector_clock IS NOT NULL")]
+    conn.close()
+    return device, memories, sessions, edges
+
+
+def test_import_contextfs_keeps_every_row_and_the_next_sync_makes_no_duplicate_or_conflict(tmp_path, two_devices):
+    """Issue 14: `contextfs import contextfs PATH` on the public client's store (made by
+    contextfs 0.2.35: testdata/), whose synced rows the server already holds: ids, types,
+    tags, timestamps, metadata and clocks kept; a dry run and a second import change nothing;
+    the next sync leaves one row per id on the server, the published ones as the same
+    version, and no conflict anywhere; another device gets them all."""
+    server, key, laptop, desktop = two_devices
+    data = _public_data_dir(tmp_path, server.url)
+    device, published, sessions, edges = _what_the_public_client_pushed(data)
+    api(server, "/api/sync/register", {"device_id": device, "device_name": "public", "platform": "linux",
+                                       "client_version": "0.2.35"}, key=key)
+    push(server, key, device, published, sessions, edges)
+    held = server_memories(server, key)
+    untouched = (data / "context.db").read_bytes()
+
+    dry = cli_json(laptop, "import", "contextfs", str(data), "--dry-run")
+    assert cli_json(laptop, "list") == []
+    first = cli_json(laptop, "import", "contextfs", str(data))
+    expected = {"added": 8, "updated": 0, "conflict_copies": 0, "unchanged": 0, "deleted_before_any_sync": 1}
+    assert first["memories"] == dry["memories"] == expected, first
+    assert first["sessions"]["added"] == 2 and first["edges"]["added"] == 2
+    again = cli_json(laptop, "import", "contextfs", str(data))
+    assert again["memories"] == dict(expected, added=0, unchanged=8), again
+    assert again["sessions"]["added"] == again["edges"]["added"] == 0
+
+    with sqlite3.connect(data / "context.db") as conn:
+        theirs = {r[0]: r for r in conn.execute("SELECT id, content, type, tags, summary, created_at, deleted_at "
+                                               "FROM memories")}
+    conn.close()
+    mine = local_memories(laptop)
+    assert set(mine) == set(theirs) - {i for i, r in theirs.items() if r[1] == "deleted before any sync"}
+    for memory_id, row in mine.items():
+        content, kind, tags, summary, created, deleted = theirs[memory_id][1:]
+        assert (row["type"], row["created_at"]) == (kind, cfs.normalize_ts(created)), memory_id
+        if not deleted:
+            assert (row["content"], json.loads(row["tags"]), row["summary"]) == (content, json.loads(tags), summary)
+    uv = next(i for i, r in mine.items() if r["summary"] == "uv")
+    assert json.loads(mine[uv]["metadata"]) == {"ticket": "T-1", "nested": {"n": 1}}
+
+    report = sync(laptop)
+    assert report["conflicts"] == [], report
+    on_server = server_memories(server, key)
+    assert set(on_server) == set(mine), sorted(on_server)   # one row per id: no duplicate, no copy
+    for memory_id, obj in held.items():
+        if theirs[memory_id][6] is None and on_server[memory_id]["content"] == obj["content"]:
+            assert on_server[memory_id]["vector_clock"] == obj["vector_clock"], memory_id  # the same version
+    assert sync(laptop)["pulled"]["memories"] == 0
+    sync(desktop)
+    for home in (laptop, desktop):
+        assert cli_json(home, "cloud", "conflicts") == []
+    assert {m["id"] for m in cli_json(desktop, "list", "--limit", "100")} == {
+        i for i, r in mine.items() if r["deleted_at"] is None}
+    assert cli_json(desktop, "show", uv)["tags"] == ["python", "tools"]
+    assert (data / "context.db").read_bytes() == untouched   # their store is only read
+
+
+_PUBLIC_STORE_SCRIPT = """
+import asyncio, json, sqlite3, sys, time
+from datetime import datetime
+from pathlib import Path
+from contextfs import ContextFS
+from contextfs.schemas import Memory, MemoryType
+from contextfs.sync import SyncClient
+data, url, key = sys.argv[1:]
+ctx = ContextFS(data_dir=Path(data), namespace_id="global", auto_load=False, auto_index=False)
+session = ctx.start_session(tool="claude-code", label="refactor auth", repo_path="/src/app")
+mems = [Memory(content="Use uv for virtualenvs", type=MemoryType.DECISION, tags=["python", "tools"], summary="uv",
+               metadata={"ticket": "T-1", "nested": {"n": 1}}, source_repo="git@github.com:me/app.git",
+               source_file="pyproject.toml", session_id=session.id),
+        Memory(content="pip install fails without --user — ünïcødé ✓", type=MemoryType.ERROR),
+        Memory(content="Deploy: run make release, then tag", type=MemoryType.PROCEDURAL, tags=["ops"]),
+        Memory(content="deleted before any sync", type=MemoryType.FACT),
+        Memory(content="deleted after a sync", type=MemoryType.FACT)]
+ctx.save_batch(mems, skip_rag=True)
+ctx.link(mems[0].id, mems[2].id, relation="references")
+ctx.end_session(generate_summary=False)
+ctx.delete(mems[3].id)
+async def sync():
+    async with SyncClient(url, ctx=ctx, api_key=key, device_id="public-" + key[6:14]) as client:
+        await client.sync_all()
+asyncio.run(sync())
+time.sleep(1.1)
+ctx.save_batch([Memory(content="saved after the last sync", type=MemoryType.FACT, tags=["late"])], skip_rag=True)
+conn = sqlite3.connect(Path(data) / "context.db")  # an edit after the sync, as ctx.update writes the row
+conn.execute("UPDATE memories SET content = ?, updated_at = ? WHERE id = ?",
+             ("Deploy: run make release, tag, then announce", datetime.now().isoformat(), mems[2].id))
+conn.commit()
+conn.close()
+ctx.delete(mems[4].id)
+print(json.dumps([m.id for m in mems]))
+"""
+
+
+def test_import_contextfs_of_a_store_the_real_public_client_made_and_synced(tmp_path, two_devices):
+    """Issue 14, gated (CONTEXTFS_PUBLIC_CLIENT: a Python with contextfs==0.2.35): the public
+    client saves, links, syncs with the server, then saves, edits and deletes; our import and
+    sync leave one row per id and no conflict, with its edit and delete on the server; and
+    testdata/ has the schema that version makes."""
+    python = os.environ.get("CONTEXTFS_PUBLIC_CLIENT")
+    if not python:
+        pytest.skip("set CONTEXTFS_PUBLIC_CLIENT to a Python with contextfs==0.2.35 installed")
+    server, key, laptop, desktop = two_devices
+    script, data = tmp_path / "public_store.py", tmp_path / "public" / ".contextfs"
+    script.write_text(_PUBLIC_STORE_SCRIPT, encoding="utf-8")
+    env = dict(cli_env(tmp_path / "unused"), HOME=str(tmp_path / "public"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([python, str(script), str(data), server.url, key], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    uv, _pip, edited, never_synced, later_deleted = json.loads(proc.stdout.strip().splitlines()[-1])
+    with sqlite3.connect(data / "context.db") as made, sqlite3.connect(":memory:") as fixture:
+        fixture.executescript(IMPORT_FIXTURE.read_text(encoding="utf-8"))
+        for table in ("memories", "sessions", "memory_edges", "sync_state"):
+            columns = [[r[1] for r in db.execute(f"PRAGMA table_info({table})")] for db in (made, fixture)]
+            assert columns[0] == columns[1], table   # testdata/ still has this version's schema
+    made.close(), fixture.close()
+    before = server_memories(server, key)
+    assert uv in before and never_synced not in before
+
+    result = cli_json(laptop, "import", "contextfs", str(data))
+    assert result["memories"]["added"] == 5 and result["memories"]["deleted_before_any_sync"] == 1, result
+    report = sync(laptop)
+    assert report["conflicts"] == [], report
+    on_server = server_memories(server, key)
+    assert set(on_server) == set(before) | {i for i in local_memories(laptop)}, sorted(on_server)
+    assert on_server[edited]["content"] == "Deploy: run make release, tag, then announce"
+    assert on_server[later_deleted]["deleted_at"] and not on_server[uv]["deleted_at"]
+    sync(desktop)
+    for home in (laptop, desktop):
+        assert cli_json(home, "cloud", "conflicts") == []
+    assert {m["content"] for m in cli_json(desktop, "list", "--limit", "100")} == {
+        "Use uv for virtualenvs", "pip install fails without --user — ünïcødé ✓",
+        "Deploy: run make release, tag, then announce", "saved after the last sync"}
+    assert cli_json(laptop, "import", "contextfs", str(data))["memories"]["added"] == 0
+
+
+def test_import_contextfs_refuses_a_file_it_does_not_understand_with_one_line(home, tmp_path):
+    for name, content in (("not-sqlite.db", b"hello"), ("other.db", None), ("missing.db", False)):
+        path = tmp_path / name
+        if content is None:
+            with sqlite3.connect(path) as conn:
+                conn.execute("CREATE TABLE memories (id TEXT)")
+            conn.close()
+        elif content:
+            path.write_bytes(content)
+        proc = run_cli(home, "import", "contextfs", str(path))
+        line = _one_clear_line(proc, str(path), "nothing was imported", code=2)
+        assert ("does not exist" in line) if content is False else ("not" in line), line
+    assert cli_json(home, "list") == []
+
+
 def test_public_client_and_ours_share_one_account_on_our_server(tmp_path, ref_server):
     """A mixed fleet (issue 11, items 6-7): the public ContextFS client (contextfs 0.2.35, its
     own `cloud sync` algorithm: register, diff, push of what the server lacks) and ours on one
@@ -2538,7 +2735,7 @@ def test_auto_sync_backs_off_while_the_server_is_down_and_catches_up_when_it_is_
                 requests_while_down = proxy.count
                 proxy.rate = 0.0  # the server is back
                 with anyio.fail_after(30):
-                    while live_server_memories(live_server, key).get(saved.structured_content["id"]) is None:
+                    while server_memories(live_server, key).get(saved.structured_content["id"]) is None:
                         await anyio.sleep(0.25)
                 return saved, listed, down, requests_while_down
 
@@ -2561,11 +2758,6 @@ def test_auto_sync_settings_are_checked_before_they_are_saved(home):
     assert cli_json(home, "cloud", "status")["auto_sync"]["interval_seconds"] == 90
 
 
-def live_server_memories(server, key):
-    """The server's memories of this account by id (tombstones included)."""
-    return {i: obj for (kind, i), obj in server_rows(server, key).items() if kind == "memories"}
-
-
 def test_cloud_sync_watch_keeps_syncing_until_ctrl_c(live_server, tmp_path):
     """Issue 14: `contextfs cloud sync --watch` in a terminal: a sync at start, a push shortly
     after a write made by another process, one line per round; Ctrl-C ends it cleanly (exit 0)."""
@@ -2581,14 +2773,14 @@ def test_cloud_sync_watch_keeps_syncing_until_ctrl_c(live_server, tmp_path):
         while cli_json(home, "cloud", "status")["auto_sync"].get("last") is None and time.monotonic() < deadline:
             time.sleep(0.2)
         memory = cli_json(home, "save", "saved in another terminal")
-        while memory["id"] not in live_server_memories(live_server, key) and time.monotonic() < deadline:
+        while memory["id"] not in server_memories(live_server, key) and time.monotonic() < deadline:
             time.sleep(0.2)
         status = run_cli(home, "cloud", "status", check=0).stdout
         assert "Auto-sync:    running in contextfs cloud sync --watch" in status, status
     finally:
         watch.send_signal(signal.SIGINT)
         out, err = watch.communicate(timeout=30)
-    assert memory["id"] in live_server_memories(live_server, key), (out, err)
+    assert memory["id"] in server_memories(live_server, key), (out, err)
     assert watch.returncode == 0 and "Traceback" not in err, (watch.returncode, err)
     lines = out.splitlines()
     assert lines[0] == "Watching: a sync now, every 1h, and 0.5s after local writes. Ctrl-C ends it.", lines
