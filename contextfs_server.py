@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from contextfs_sync import (
-    MAX_ID_CHARS, Clock, ContextFSError, Edge, Memory, ServerError, Session, UsageError, __version__,
+    E2EE_CHECK_PREFIX, MAX_ID_CHARS, Clock, ContextFSError, Edge, Memory, ServerError, Session, UsageError,
+    __version__,
     clock_compare, clock_merge, clock_tick, format_ts, prune_clock, normalize_ts, nul_path, parse_ts, utc_now,
 )
 
@@ -69,6 +70,10 @@ WIRE_LISTS = {"memory": "memories", "session": "sessions", "edge": "edges"}
 # Bodies are parsed under a budget (size, depth, strict UTF-8, no NaN) and checked field by
 # field; every problem is a FastAPI-style 422 entry, as the anchor answers, and nothing is
 # written unless the whole request is valid.
+
+class AccountEncrypted(Exception):
+    """A push that asked not to go into an end-to-end encrypted account met one."""
+
 
 class _HTTPError(Exception):
     """An HTTP error answer: status, FastAPI-style ``detail`` and extra headers."""
@@ -679,8 +684,13 @@ class SQLiteStorage:
     # -- sync ------------------------------------------------------------------------------
 
     def push(self, user_id: str, device_id: str, items: List[PushItem], rule: PushRule,
-             now: str) -> Tuple[List[Tuple[str, Clock, Optional[dict]]], Optional[Tuple[int, int]]]:
+             now: str, refuse_if_encrypted: bool = False
+             ) -> Tuple[List[Tuple[str, Clock, Optional[dict]]], Optional[Tuple[int, int]]]:
         """Apply pushed items under ``rule`` in ONE transaction.
+
+        ``refuse_if_encrypted`` (a client without an E2EE passphrase asks it): nothing is
+        written, and AccountEncrypted is raised, when the account holds an E2EE key check row
+        (checked in the same transaction, so a check written meanwhile is seen).
 
         Returns each item's (verdict, clock, conflict entry) in order, and the (first, last)
         server seqs the accepted rows were stored at (None when nothing was accepted).
@@ -691,6 +701,12 @@ class SQLiteStorage:
         conn = self._conn()
         outcomes: List[Tuple[str, Clock, Optional[dict]]] = []
         with _Tx(conn, immediate=True):
+            if refuse_if_encrypted and conn.execute(
+                    # A range over the (user_id, id) key: one index seek, whatever the account holds.
+                    "SELECT 1 FROM memories WHERE user_id = ? AND id >= ? AND id < ? AND deleted_at IS NULL LIMIT 1",
+                    (user_id, E2EE_CHECK_PREFIX, E2EE_CHECK_PREFIX[:-1] + chr(ord(E2EE_CHECK_PREFIX[-1]) + 1))
+            ).fetchone():
+                raise AccountEncrypted()
             self._claim_device(conn, user_id, device_id, now)
             received_at = utc_now()  # taken under the write lock: see changes_since
             known = self._stored_clocks(conn, user_id, items)
@@ -1248,7 +1264,14 @@ class ServerApp:
         def rule(*args: Any) -> Tuple[str, Clock, Optional[dict]]:
             return push_verdict(*args, force=bool(force))
 
-        outcomes, seq_range = self.storage.push(user["id"], device_id, items, rule, server_timestamp)
+        try:
+            outcomes, seq_range = self.storage.push(user["id"], device_id, items, rule, server_timestamp,
+                                                    refuse_if_encrypted=body.get("refuse_if_encrypted") is True)
+        except AccountEncrypted:
+            # Our extension: a client without a passphrase never puts plain text into an account
+            # another device encrypts (issue 27). Other clients do not ask, and are not refused.
+            raise _HTTPError(409, {"code": "e2ee_required", "message": "This account's memories are end-to-end "
+                                   "encrypted; this device has no passphrase, so nothing was stored"}) from None
         counts = {"accepted": 0, "rejected": 0, "accepted_memories": 0, "rejected_memories": 0,
                   "accepted_sessions": 0, "rejected_sessions": 0}
         conflicts: List[dict] = []

@@ -60,6 +60,11 @@ MSG_NO_KEY = "No API key configured. Run: contextfs cloud login"
 MSG_E2EE_WRONG_KEY = ("This passphrase does not open this account's end-to-end encrypted memories "
                       "(its key check failed){}. Run: contextfs cloud configure --e2ee with the passphrase "
                       "your other devices use")
+# The E2EE key check's reserved ids (section 8), which our server also knows (it refuses a plain
+# push into an account holding one), and its own namespace: a diff of it alone is cheap.
+E2EE_CHECK_PREFIX = "contextfs-e2ee-check-"
+E2EE_CHECK_NAMESPACE = "contextfs-e2ee"
+
 MSG_E2EE_NO_KEY = ("This account's memories are end-to-end encrypted and this device has no passphrase; "
                    "nothing was pushed (it would have gone up unencrypted). Run: contextfs cloud configure --e2ee")
 
@@ -3000,7 +3005,6 @@ def derive_anchor_key(api_key: str, salt: str) -> bytes:
 # Since version 2 the check also carries the account's content-hash key: a random secret,
 # made once with the check and carried over by `cloud rekey`, that keys the content_hash of
 # every memory sealed in our format (see keyed_content_hash).
-E2EE_CHECK_PREFIX = "contextfs-e2ee-check-"
 _E2EE_CHECK_TEXT = "contextfs-sync e2ee key check v1"
 _E2EE_CHECK_TEXT_V2 = "contextfs-sync e2ee key check v2"
 
@@ -3398,14 +3402,20 @@ class CloudClient:
             "device_id": device, "memories": memories, "sessions": sessions, "edges": edges,
             "last_sync_timestamp": None, "backend_type": None, "force": force})
 
-    def push_encoded(self, device: str, plural: str, items: List[bytes], force: bool = False) -> dict:
-        """POST /api/sync/push of one list whose items are already JSON-encoded (same body as push)."""
+    def push_encoded(self, device: str, plural: str, items: List[bytes], force: bool = False,
+                     refuse_if_encrypted: bool = False) -> dict:
+        """POST /api/sync/push of one list whose items are already JSON-encoded (same body as push).
+
+        ``refuse_if_encrypted`` (our extension, sent by a device without an E2EE passphrase):
+        our server stores nothing and answers 409 ``e2ee_required`` when the account holds an
+        E2EE key check; ContextFS Cloud ignores the field."""
         lists = {name: b"[" + b",".join(items) + b"]" if name == plural else b"[]"
                  for name in ("memories", "sessions", "edges")}
         body = (b'{"device_id":' + json.dumps(device, ensure_ascii=False).encode("utf-8")
                 + b',"memories":' + lists["memories"] + b',"sessions":' + lists["sessions"]
                 + b',"edges":' + lists["edges"] + b',"last_sync_timestamp":null,"backend_type":null,"force":'
-                + (b"true" if force else b"false") + b"}")
+                + (b"true" if force else b"false")
+                + (b',"refuse_if_encrypted":true' if refuse_if_encrypted else b"") + b"}")
         return self.request("POST", "/api/sync/push", raw_body=body)
 
     def pull(self, device: str, cursor: Optional[str], since: Optional[str], limit: int,
@@ -3425,11 +3435,13 @@ class CloudClient:
             body["peek"] = True
         return self.request("POST", "/api/sync/pull", body)
 
-    def diff(self, device: str, memories: List[dict], sessions: List[dict], edges: List[dict]) -> dict:
-        """POST /api/sync/diff with a manifest of local rows."""
+    def diff(self, device: str, memories: List[dict], sessions: List[dict], edges: List[dict],
+             namespace_ids: Optional[List[str]] = None) -> dict:
+        """POST /api/sync/diff with a manifest of local rows (memories and sessions of
+        ``namespace_ids`` only, when given; edges are never filtered)."""
         return self.request("POST", "/api/sync/diff", {
             "device_id": device, "memories": memories, "sessions": sessions, "edges": edges,
-            "namespace_ids": None})
+            "namespace_ids": namespace_ids})
 
     def status(self, device: str) -> dict:
         """POST /api/sync/status."""
@@ -3649,11 +3661,28 @@ def lookup_key_check(client: "CloudClient", device: str, check_id: str,
     return check, others
 
 
+def probe_key_check(client: "CloudClient", device: str, check_id: str, edge_ids: Sequence[str]) -> Optional[Memory]:
+    """The account's key check, asked for cheaply: a diff of the check's namespace alone (our
+    edges listed, since a diff never filters them, so only links we lack come back). Finds
+    checks written since E2EE_CHECK_NAMESPACE existed."""
+    response = client.diff(device, [{"id": check_id, "content_hash": "-"}], [], [{"id": i} for i in edge_ids],
+                           namespace_ids=[E2EE_CHECK_NAMESPACE])
+    for item in response.get("missing_memories") or []:
+        if isinstance(item, dict) and item.get("id") == check_id:
+            try:
+                memory = Memory.from_wire(item)
+            except ValueError:
+                return None
+            return memory if memory.deleted_at is None and memory.content else None
+    return None
+
+
 def key_check_wire(check_id: str, sealed: str, device: str, replaces: Optional[Memory] = None) -> dict:
     """The key check as a memory on the wire (plain as far as any server or client can tell);
     newer than the check it ``replaces`` (a rekey)."""
     now = utc_now()
     return Memory(id=check_id, content=sealed, type="fact", tags=["contextfs-e2ee-check"],
+                  namespace_id=E2EE_CHECK_NAMESPACE,
                   summary="contextfs-sync: end-to-end encryption key check (not a memory; keep it)",
                   created_at=now, updated_at=now,
                   vector_clock=clock_tick(replaces.vector_clock if replaces is not None else {}, device),
@@ -3822,6 +3851,14 @@ class SyncEngine:
             # Never looked on this server and account, or about to write a check: look (again).
             check = self._lookup_key_check()
             sealed = check.content if check is not None else "-"
+        if self.key is None and sealed == "-" and self._pages_by_time():
+            # A server without our refuse_if_encrypted check (ContextFS Cloud): another device
+            # may have turned E2EE on since our last pull. Ask before pushing plain text.
+            edges = [i for i, _h, _deleted, dirty in self.store.manifest("edge") if not dirty]
+            check = probe_key_check(self.client, self.store.device_id, self._check_id(), edges)
+            if check is not None:
+                sealed = check.content
+                self.store.set_state(f"e2ee_check|{self.scope}", sealed)
         if self.key is None:
             if sealed != "-":
                 raise NotConfigured(MSG_E2EE_NO_KEY)
@@ -3830,6 +3867,12 @@ class SyncEngine:
         elif not key_opens_check(self.key, sealed):
             raise CryptoError(MSG_E2EE_WRONG_KEY.format("; nothing was pushed"))
         self._gated = True
+
+    def _pages_by_time(self) -> bool:
+        """Whether this server is known to page by time, not by our seq cursor (ContextFS
+        Cloud: it sent no storage id to an earlier pull of ours)."""
+        return (self.store.state(f"storage_id|{self.scope}") is None
+                and self.store.state(f"pull_since|{self.scope}") is not None)
 
     def _write_key_check(self) -> None:
         """Store this account's key check, sealed under this device's key."""
@@ -3911,7 +3954,8 @@ class SyncEngine:
         device = self.store.device_id
 
         def send(kind: str, batch: List[Tuple[Tuple[str, int], bytes]]) -> dict:
-            return self.client.push_encoded(device, _WIRE_LISTS[kind], [data for _key, data in batch], force)
+            return self.client.push_encoded(device, _WIRE_LISTS[kind], [data for _key, data in batch], force,
+                                            refuse_if_encrypted=self.key is None)
 
         def settle(kind: str, batch: List[Tuple[Tuple[str, int], bytes]], response: dict) -> None:
             accepted = self._settle_push(kind, dict(key for key, _data in batch), response)
@@ -3924,6 +3968,11 @@ class SyncEngine:
             try:
                 response = future.result()
             except ServerError as exc:
+                if exc.status == 409 and "e2ee_required" in (exc.detail or ""):
+                    # Another device turned E2EE on since our last look (our server checks it
+                    # as it stores; this batch and the rest stay here): remember the check.
+                    self._lookup_key_check()
+                    raise NotConfigured(MSG_E2EE_NO_KEY) from None
                 if exc.status not in (413, 422):
                     raise
                 self._push_split(kind, batch, exc, send, settle, report)

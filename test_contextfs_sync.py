@@ -27,7 +27,7 @@ import pytest
 import contextfs_sync as cfs
 
 from conftest import (
-    CONTEXTFS, AnchorServer, http_client, RecordingProxy, _secret_parts, api, cli_env, cli_json, make_device, push, run_cli, server_rows,
+    CONTEXTFS, AnchorServer, DoubleServer, http_client, RecordingProxy, _secret_parts, api, cli_env, cli_json, make_device, push, run_cli, server_rows,
     start_ref_server, sync,
 )
 
@@ -1455,6 +1455,26 @@ def test_a_device_without_the_passphrase_never_pushes_plaintext_into_an_encrypte
     proc = run_cli(laptop, "cloud", "sync", "--all")
     assert proc.returncode == 3 and "nothing was pushed" in proc.stderr
     assert "turned off" not in json.dumps(server_memories(server, key))
+
+
+def test_a_device_that_synced_before_e2ee_was_turned_on_elsewhere_pushes_no_plaintext(tmp_path, two_devices):
+    """Issue 27, item 2, the push-before-pull window: the desktop last synced before the laptop
+    turned E2EE on, so it has not seen the key check when it next pushes. Our server checks
+    for it as it stores the push (the client asks it to: `refuse_if_encrypted`); on ContextFS
+    Cloud, which has no such check, the client asks first (a diff of the check's namespace
+    alone). Either way nothing plain goes in and the sync stops with exit 3."""
+    pytest.importorskip("cryptography")
+    server, key, laptop, desktop = two_devices
+    cli_json(desktop, "save", "written before E2EE")
+    sync(desktop), sync(laptop)
+    e2ee_on(laptop)
+    sync(laptop)
+    secret = cli_json(desktop, "save", "written after E2EE was turned on elsewhere")["id"]
+    for attempt in range(2):  # and at every sync after
+        proc = run_cli(desktop, "cloud", "sync")
+        assert proc.returncode == 3 and proc.stderr.strip() == cfs.MSG_E2EE_NO_KEY, (attempt, proc)
+        assert secret not in server_memories(server, key)
+    assert cli_json(desktop, "cloud", "status")["pending_push"] == 1
 
 
 def test_anchor_e2ee_test_vector_decrypts():
@@ -3456,8 +3476,11 @@ class KillTrials:
             with sqlite3.connect(home / "sync.db") as db:
                 dirty = db.execute("SELECT count(*) FROM memories WHERE dirty = 1").fetchone()[0]
             db.close()
-            # At least this many requests: pushes of 500 rows, then one pull page or more.
-            floor = (-(-dirty // cfs.PUSH_BATCH_ITEMS) if dirty else 0) + 1
+            # At least this many requests: pushes of 500 rows, then one pull page or more; before
+            # pushing, a device without a passphrase asks a server that pages by time (ContextFS
+            # Cloud) whether the account has an E2EE key check (one diff).
+            asks = 1 if dirty and isinstance(self.server, (DoubleServer, AnchorServer)) else 0
+            floor = asks + (-(-dirty // cfs.PUSH_BATCH_ITEMS) if dirty else 0) + 1
         trigger = rng.choice(["received", "answered", "answered", "timer"])
         env = cli_env(home)
         base = self.proxy.count
