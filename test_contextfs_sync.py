@@ -2220,6 +2220,13 @@ def _public_data_dir(root, server_url):
     with sqlite3.connect(data / "context.db") as conn:
         conn.executescript(IMPORT_FIXTURE.read_text(encoding="utf-8"))
         conn.execute("UPDATE sync_state SET server_url = ?", (server_url,))
+        # Fresh ids in every run: ContextFS Cloud looks ids up across all its accounts.
+        fresh = {old: uuid.uuid4().hex[:len(old)] for table in ("memories", "sessions")
+                 for (old,) in conn.execute(f"SELECT id FROM {table}")}
+        conn.create_function("fresh", 1, lambda old: fresh.get(old, old))
+        conn.executescript("UPDATE memories SET id = fresh(id), session_id = fresh(session_id);"
+                           "UPDATE sessions SET id = fresh(id);"
+                           "UPDATE memory_edges SET from_id = fresh(from_id), to_id = fresh(to_id);")
     conn.close()
     return data
 
