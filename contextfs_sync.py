@@ -879,6 +879,19 @@ AUTO_SYNC_INTERVAL = "5m"
 AUTO_SYNC_PUSH_DELAY = "5s"
 
 
+_DURATION_LEAST = {"sync_interval": 1.0, "push_delay": 0.0}  # seconds, per [cloud] key
+
+
+def duration_problem(key: str, value: Any) -> Optional[str]:
+    """What is wrong with ``value`` for the duration setting cloud.``key``, or None."""
+    try:
+        seconds = parse_duration(value)
+    except (ValueError, TypeError):
+        return f"must be a duration like \"30s\", \"5m\" or \"1h\", got {value!r}"
+    least = _DURATION_LEAST[key]
+    return f"must be at least {least:g}s, got {value!r}" if seconds < least else None
+
+
 def parse_duration(text: str) -> float:
     """Seconds in a duration such as "45s", "5m", "1h" or "90" (seconds); ValueError otherwise."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(s|m|h)?\s*", text or "")
@@ -1032,16 +1045,12 @@ def load_config(home: Optional[Path] = None) -> Config:
         line, column = _toml_position(text, "index", "embedder")
         raise ConfigError(f"{cfg.path}:{line}:{column}: index.embedder must be one of "
                           f"{', '.join(EMBEDDERS)}, got {embedder!r}")
-    for key, least in (("sync_interval", 1.0), ("push_delay", 0.0)):
+    for key in _DURATION_LEAST:
         value = data.get("cloud", {}).get(key)
-        try:
-            ok = value is None or parse_duration(value) >= least
-        except ValueError:
-            ok = False
-        if not ok:
+        problem = duration_problem(key, value) if value is not None else None
+        if problem:
             line, column = _toml_position(text, "cloud", key)
-            raise ConfigError(f"{cfg.path}:{line}:{column}: cloud.{key} must be a duration like \"30s\", \"5m\" or "
-                              f"\"1h\"{' of at least 1s' if least else ''}, got {value!r}; fix the file (it was not changed)")
+            raise ConfigError(f"{cfg.path}:{line}:{column}: cloud.{key} {problem}; fix the file (it was not changed)")
     cfg.data = data
     return cfg
 
@@ -1202,14 +1211,23 @@ def device_id(home: Path) -> str:
         return path.read_text(encoding="utf-8").strip()  # a racing process may have won: use its id
     new_id = _new_device_id()
     ensure_home(home)
-    try:  # O_EXCL: if two processes race, the first one's id wins
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(new_id)
-    except FileExistsError:
-        return path.read_text(encoding="utf-8").strip() or new_id
+    held = _write_if_absent(path, new_id)
+    if held != new_id:
+        return held  # a racing process's id won
     atomic_write(fp_path, fingerprint.encode("ascii"), 0o600)
     return new_id
+
+
+def _write_if_absent(path: Path, text: str) -> str:
+    """Create ``path`` (0600) holding ``text`` unless it exists (O_EXCL: of two racing
+    processes the first one wins); returns what the file holds."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip() or text
+    return text
 
 
 def public_client_lives_in(home: Path) -> bool:
@@ -1228,12 +1246,9 @@ def _adopt_legacy_device_id(home: Path, path: Path) -> str:
     ours = (home / "device_fingerprint").exists() or (home / "sync.db").exists()
     if not old or not ours or public_client_lives_in(home):
         return ""
-    try:  # O_EXCL: a racing process that moved it first wins
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(old)
-    except FileExistsError:
-        return path.read_text(encoding="utf-8").strip()
+    held = _write_if_absent(path, old)
+    if held != old:
+        return held  # a racing process wrote another id first
     with _suppress(OSError):
         legacy.unlink()  # so a public client installed here later makes its own
     return old
@@ -1957,11 +1972,7 @@ class Store:
         server holds sealed into the one it was sent with (keyed_content_hash)."""
         table = _KINDS[kind][0]
         hashed = "content_hash" if kind == "memory" else "NULL"
-        if kind == "memory" and keyed is not None:
-            with self._lock:
-                return [(r[0], keyed(r[1]) if r[4] and r[2] is None and r[1] else r[1], r[2] is not None, bool(r[3]))
-                        for r in self.conn.execute(
-                            f"SELECT id, content_hash, deleted_at, dirty, sealed FROM memories WHERE {_PUSHABLE[kind]}")]
+        sealed = "sealed" if kind == "memory" and keyed is not None else "0"
         if kind == "edge":  # an edge's id is from_id:to_id:relation (Edge.id)
             ident = "from_id || ':' || to_id || ':' || relation"
             where = f"from_id IN (SELECT id FROM memories WHERE {_PUSHABLE['memory']}) " \
@@ -1969,8 +1980,9 @@ class Store:
         else:
             ident, where = "id", _PUSHABLE[kind]
         with self._lock:
-            return [(r[0], r[1], r[2] is not None, bool(r[3])) for r in self.conn.execute(
-                f"SELECT {ident}, {hashed}, deleted_at, dirty FROM {table} WHERE {where}")]
+            return [(r[0], keyed(r[1]) if r[4] and r[2] is None and r[1] else r[1], r[2] is not None, bool(r[3]))
+                    for r in self.conn.execute(f"SELECT {ident}, {hashed}, deleted_at, dirty, {sealed} FROM {table} "
+                                               f"WHERE {where}")]
 
     def apply_page(self, ops: List[Op], cursor_key: Optional[str] = None,
                    cursor: Optional[str] = None) -> Tuple[List[str], List[str]]:
@@ -3064,6 +3076,11 @@ def keyed_content_hash(hash_key: bytes, plain_hash: str) -> str:
                     hashlib.sha256).hexdigest()[:16]
 
 
+def _keyer(hash_key: Optional[bytes]) -> Optional[Callable[[str], str]]:
+    """keyed_content_hash under ``hash_key`` as a function of the plain hash (None: no key)."""
+    return None if hash_key is None else (lambda plain: keyed_content_hash(hash_key, plain))
+
+
 def encrypt_content(key: bytes, plaintext: str, nonce: Optional[bytes] = None, bind: Optional[str] = None) -> str:
     """Encrypt memory content to the wire form (random nonce unless given). With ``bind`` (the
     memory id) it is our format: marked, and bound to that id (it opens under no other)."""
@@ -3833,12 +3850,20 @@ class SyncEngine:
     def _lookup_key_check(self) -> Optional[Memory]:
         """Ask the server for the key check. Our synced rows are listed, so only what we lack
         comes back (rows not pushed yet are left out: listing them only costs bytes)."""
-        keyed = (lambda plain: keyed_content_hash(self._hash_key, plain)) if self._hash_key else None
-        manifest = [{"id": i, "content_hash": h} for i, h, _deleted, dirty in self.store.manifest("memory", keyed)
-                    if not dirty]
+        manifest = [{"id": i, "content_hash": h} for i, h, _deleted, dirty
+                    in self.store.manifest("memory", _keyer(self._hash_key)) if not dirty]
         check, _others = lookup_key_check(self.client, self.store.device_id, self._check_id(), manifest)
         self.store.set_state(f"e2ee_check|{self.scope}", check.content if check is not None else "-")
         return check
+
+    def _seen_check(self, look_again_if_none: bool = False) -> str:
+        """The account's key check as last seen here ("-": it had none), looked up when never
+        seen on this server and account (or, with ``look_again_if_none``, when none was)."""
+        sealed = self.store.state(f"e2ee_check|{self.scope}")
+        if sealed is None or (sealed == "-" and look_again_if_none):
+            check = self._lookup_key_check()
+            sealed = check.content if check is not None else "-"
+        return sealed
 
     def _e2ee_gate(self) -> None:
         """Before anything is pushed: no plaintext into an account that has a key check, no rows
@@ -3846,11 +3871,8 @@ class SyncEngine:
         Once per engine."""
         if self._gated:
             return
-        sealed = self.store.state(f"e2ee_check|{self.scope}")
-        if sealed is None or (sealed == "-" and self.key is not None):
-            # Never looked on this server and account, or about to write a check: look (again).
-            check = self._lookup_key_check()
-            sealed = check.content if check is not None else "-"
+        # Never looked on this server and account, or about to write a check: look (again).
+        sealed = self._seen_check(look_again_if_none=self.key is not None)
         if self.key is None and sealed == "-" and self._pages_by_time():
             # A server without our refuse_if_encrypted check (ContextFS Cloud): another device
             # may have turned E2EE on since our last pull. Ask before pushing plain text.
@@ -3900,10 +3922,7 @@ class SyncEngine:
         if self.key is None:
             return None
         if not self._hash_key_known:
-            sealed = self.store.state(f"e2ee_check|{self.scope}")
-            if sealed is None:
-                check = self._lookup_key_check()
-                sealed = check.content if check is not None else "-"
+            sealed = self._seen_check()
             for key in (self.key, self.old_key):  # mid-rekey the check may be under either
                 opens, hash_key = open_key_check(key, sealed) if key is not None and sealed != "-" else (False, None)
                 if opens:
@@ -3913,8 +3932,7 @@ class SyncEngine:
 
     def _keyed(self) -> Optional[Callable[[str], str]]:
         """What turns a sealed memory's plain hash into the one the server holds (None: plain)."""
-        hash_key = self._content_hash_key()
-        return None if hash_key is None else (lambda plain: keyed_content_hash(hash_key, plain))
+        return _keyer(self._content_hash_key())
 
     def _key_checked(self) -> bool:
         """Whether this device's key opens the account's key check (as last seen)."""
@@ -4519,7 +4537,6 @@ class AutoSync:
         self.on_round = on_round or (lambda result: None)
         self.owner = owner
         self.failures = 0
-        self.rounds = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -4604,7 +4621,6 @@ class AutoSync:
             return {"at": started, "direction": direction, "ok": False, "error": exc.message}
         except Exception as exc:  # a bug costs one round, never the agent's session
             return {"at": started, "direction": direction, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        self.rounds += 1
         return {"at": started, "direction": direction, "ok": True, "summary": report.summary(),
                 "partial": bool(report.refused or report.unreadable)}
 
@@ -5979,15 +5995,12 @@ def cmd_cloud_configure(args: argparse.Namespace) -> int:
         cfg.set("cloud", "enabled", args.enabled)
     if args.auto_sync is not None:
         cfg.set("cloud", "auto_sync", args.auto_sync)
-    for name, least in (("sync_interval", 1.0), ("push_delay", 0.0)):
+    for name in _DURATION_LEAST:
         value = getattr(args, name)
         if value is not None:
-            try:
-                seconds = parse_duration(value)
-            except ValueError as exc:
-                raise UsageError(f"--{name.replace('_', '-')}: {exc}; nothing was changed") from None
-            if seconds < least:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1s; nothing was changed")
+            problem = duration_problem(name, value)
+            if problem:
+                raise UsageError(f"--{name.replace('_', '-')} {problem}; nothing was changed")
             cfg.set("cloud", name, value.strip())
     if args.e2ee is True:
         _aesgcm()  # fail early, naming the extra, when cryptography is missing
