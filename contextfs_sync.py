@@ -558,6 +558,7 @@ APPLY_SETTLE = "settle"          # cloud holds the same data: adopt its clock, m
 APPLY_CONFLICT = "conflict"      # cloud wins under the id; local kept as <id>_local
 APPLY_DELETE_UNDONE = "delete_undone"  # our delete lost to a concurrent edit: the edit is kept, reported
 APPLY_IGNORE = "ignore"          # not this account's row (an edge to memories we cannot see)
+APPLY_PUBLISH = "publish"        # our newer version is a draft/temporary here, the server has it: publish ours
 
 
 def decide_incoming(local_clock: Optional[Clock], local_dirty: bool,
@@ -579,6 +580,10 @@ def decide_incoming(local_clock: Optional[Clock], local_dirty: bool,
     dirty      local newer -               keep_local (it is pushed next)
     dirty      other       yes / no        settle / conflict
     =========  ==========  ==============  =====================================
+
+    plan_page takes a local draft or temporary memory whose id the server holds for published
+    (it was, before this home was restored from an older copy: publishing is for good), and
+    turns its keep_local into publish.
 
     Equal clocks with different data are concurrent, not equal: a store rolled back by a
     restore can re-mint a published clock (clock_tick guards that too). Concurrent clocks over
@@ -737,10 +742,19 @@ def plan_page(page: Dict[str, List[Any]], local_rows: Dict[str, Dict[str, Any]],
                 base = _COPY_ID.match(cloud.id)
                 if base is not None and (local is None or local.conflict_of is not None):
                     cloud.conflict_of = local.conflict_of if local is not None else base.group(1)
+            republish = kind == "memory" and local is not None and local.local_only
+            if republish:
+                # The server holds this id, so the memory was published (by this home before it
+                # was restored from an older copy, or by a copy of it): publishing is for good.
+                # Left a draft here, our newer version (or its conflict copy) would never leave.
+                local = _published(local)
             verdict = decide_incoming(local.vector_clock if local is not None else None,
                                       bool(local is not None and local.dirty),
                                       lambda: same_version(kind, local, cloud), cloud.vector_clock)
-            op = Op(verdict, kind, cloud.id, cloud)
+            if republish and verdict == APPLY_KEEP_LOCAL:
+                verdict = APPLY_PUBLISH
+            op = Op(verdict, kind, cloud.id, local if verdict == APPLY_PUBLISH else cloud,
+                    quiet=verdict == APPLY_PUBLISH)
             if verdict == APPLY_SKIP and not local.dirty and clock_compare(local.vector_clock, cloud.vector_clock) == "after":
                 # The server's current row is older than what this device synced: the server
                 # went back (restored from a backup). Ours goes up again.
@@ -761,10 +775,19 @@ def plan_page(page: Dict[str, List[Any]], local_rows: Dict[str, Dict[str, Any]],
                     chosen.add(copy_id)
                     op.copy = _conflict_copy(local, copy_id, original, device)
             if kind == "memory" and cloud.deleted_at is not None and local is not None \
-                    and local.deleted_at is None and op.changes_local and verdict != APPLY_SETTLE:
+                    and local.deleted_at is None and op.changes_local and verdict not in (APPLY_SETTLE, APPLY_PUBLISH):
                 op.deletes_live = True
             ops.append(op)
     return ops
+
+
+def _published(local: Memory) -> Memory:
+    """A copy of a local draft or temporary memory, published (neither any more)."""
+    import copy as _copy
+
+    published = _copy.copy(local)
+    published.draft, published.expires_at = False, None
+    return published
 
 
 def _conflict_copy(local: Any, copy_id: str, original_id: str, device: str) -> Any:
@@ -1996,6 +2019,9 @@ class Store:
                 writes = []
                 for op in ops:
                     if op.kind != kind or not op.changes_local:
+                        continue
+                    if op.op == APPLY_PUBLISH:  # ours, published as it is (clock and all): pushed next
+                        self._write(kind, op.row, dirty=True)
                         continue
                     if op.copy is not None:  # the local version, kept under its new id: pushed next
                         self._write(kind, op.copy, dirty=True)
@@ -4085,6 +4111,7 @@ class SyncEngine:
         self._live_delta = 0
         self._held_edges: List[Any] = []
         self._server_behind: Dict[str, List[str]] = {}  # kind -> ids (Op.server_behind)
+        self._published_again = 0  # drafts here that the server holds published (APPLY_PUBLISH)
         cursor_key, since_key = f"pull_cursor|{self.scope}", f"pull_since|{self.scope}"
         storage_key = f"storage_id|{self.scope}"
         cursor = self.store.state(cursor_key)
@@ -4179,6 +4206,11 @@ class SyncEngine:
             report.warnings.append(f"The server held an older version of {behind} row{'' if behind == 1 else 's'} "
                                    f"this device had synced (restored from a backup?); uploading ours again")
             repush = True
+        if self._published_again and not dry_run:
+            n = self._published_again
+            report.warnings.append(f"{n} memor{'y' if n == 1 else 'ies'} kept here as draft or temporary had been published "
+                                   f"(this home was restored from an older copy?); published again, with the changes made here")
+            repush = True
         if dry_run and self._deletions > MASS_DELETE_MIN:
             live_total = self._live_total()
             if is_mass_delete(self._deletions, live_total):
@@ -4237,6 +4269,8 @@ class SyncEngine:
                 report.conflicts.append((op.id, op.copy.id))
             if op.op == APPLY_DELETE_UNDONE:
                 report.deletes_undone.append(op.id)
+            if op.op == APPLY_PUBLISH:
+                self._published_again += 1
             if dry_run and len(report.plan) < PLAN_LIMIT:
                 report.plan.append(op.to_dict())
         if dry_run:

@@ -1754,6 +1754,56 @@ def test_a_home_restored_from_a_backup_never_reissues_a_published_version(tmp_pa
     assert {"E1: published, then lost by the restore", "E2: made after the restore"} <= on_server
 
 
+@pytest.mark.parametrize("then", ["edit", "edit_later", "delete", "delete_later"])
+def test_a_draft_published_before_a_restore_stays_published(tmp_path, two_devices, then):
+    """Issue 20 (found by the convergence soak): the laptop publishes a draft, then its home is
+    restored from a copy taken while it was still a draft, and the user edits (or deletes) it
+    there. A memory the server holds is published for good: the laptop's row is published
+    again (not a draft the sync skips for ever though its clock is newer than the server's),
+    and every device ends with the server's texts. Within the publish's clock second the edit
+    re-mints its clock (a conflict: both texts kept, the copy pushed like any other); ``_later``
+    edits after it (ours is newer: it goes up as the memory's next version)."""
+    import shutil
+
+    server, key, laptop, desktop = two_devices
+    m = cli_json(laptop, "save", "v0: a draft", "--draft")["id"]
+    sync(laptop)
+    backup = tmp_path / "backup"
+    shutil.copytree(laptop, backup)
+    cli_json(laptop, "edit", m, "--publish")
+    sync(laptop), sync(desktop)
+    assert cli_json(desktop, "show", m)["content"] == "v0: a draft"
+    shutil.rmtree(laptop)
+    shutil.copytree(backup, laptop)  # restored in place: the draft is a draft again here
+    assert cli_json(laptop, "show", m)["draft"] is True
+    if then.endswith("_later"):  # past the published version's clock counter (Unix seconds or more)
+        counter = max(server_memories(server, key)[m]["vector_clock"].values())
+        time.sleep(max(0.0, min(counter + 1.1 - time.time(), 10.0)))
+    if then.startswith("edit"):
+        cli_json(laptop, "edit", m, "v1: edited after the restore")
+    else:
+        run_cli(laptop, "delete", m, check=0)
+    report = sync(laptop)
+    if then.endswith("_later"):
+        assert any("published again" in w for w in report["warnings"]), report
+    for _ in range(2):
+        sync(desktop), sync(laptop)
+    sync(desktop)
+    cloud = server_memories(server, key)
+    live = {x["content"] for x in cloud.values() if not x["deleted_at"]}
+    if then == "edit_later":
+        assert cloud[m]["content"] == "v1: edited after the restore" and not cloud[m]["deleted_at"]
+    elif then == "edit":
+        assert {"v0: a draft", "v1: edited after the restore"} <= live or \
+            cloud[m]["content"] == "v1: edited after the restore", live
+    elif then == "delete_later":
+        assert cloud[m]["deleted_at"]
+    for home in (laptop, desktop):
+        listed = cli_json(home, "list", "--limit", "100")
+        assert {x["content"] for x in listed} == live and not any(x["draft"] for x in listed), (home.name, listed)
+        assert cli_json(home, "cloud", "status")["pending_push"] == 0, home.name
+
+
 @pytest.mark.parametrize("cut", ["frame_boundary", "mid_frame", "emptied"])
 def test_a_power_cut_that_loses_the_end_of_the_wal_never_reissues_a_published_version(tmp_path, two_devices, cut):
     """Issue 20, item 1, power-cut variants: E1 is written, published and pulled elsewhere while
