@@ -3979,12 +3979,13 @@ def _pending_on(home, kind, row_id):
 
 
 def _held_anywhere(homes, kind, row_id, text):
-    """Whether any device home holds this row with this text (live)."""
+    """Whether any device home holds this row with this text, live and syncable (a draft of it,
+    on a home restored to before its publish, is not the published version: it stays a draft)."""
     table, column = ("memories", "content") if kind == "memory" else ("sessions", "summary")
     for home in homes:
         with sqlite3.connect(home / "sync.db") as db:
-            row = db.execute(f"SELECT {column} FROM {table} WHERE id = ? AND deleted_at IS NULL",
-                             (row_id,)).fetchone()
+            row = db.execute(f"SELECT {column} FROM {table} WHERE id = ? AND deleted_at IS NULL "
+                             f"AND {cfs._PUSHABLE[kind]}", (row_id,)).fetchone()
         db.close()
         if row is not None and row[0] == text:
             return True
